@@ -1,0 +1,19 @@
+//! walhook: tails PostgreSQL logical replication, derives row events and delivers signed
+//! webhooks at least once.
+//!
+//! Layers, each one module: WAL bytes → [`pgoutput`] message → [`txn`] transaction →
+//! [`derive`] notification → [`log`] entry (sled) → [`deliver`] HTTP attempt. [`run`]
+//! wires them together; [`source`] talks to PostgreSQL; [`cli`] is the command line.
+
+pub mod cli;
+pub mod config;
+pub mod deliver;
+pub mod derive;
+pub mod log;
+pub mod pgoutput;
+pub mod run;
+pub mod schema;
+pub mod shutdown;
+pub mod source;
+pub mod telemetry;
+pub mod txn;

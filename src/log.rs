@@ -1,0 +1,720 @@
+//! The durable delivery log, in sled.
+//!
+//! Everything lives in one sled tree so that a transaction's notifications, their delivery
+//! state and the stream position are written by one atomic batch. Keys start with a kind
+//! byte, then the webhook id, a NUL, the transaction's commit LSN and the notification's
+//! ordinal within (transaction, webhook), all big-endian so that a webhook's entries sort in
+//! commit order:
+//!
+//! ```text
+//! b'n' hook \0 lsn ordinal            → notification body (the exact HTTP body; never changes)
+//! b'p' hook \0 lsn ordinal            → Status: pending or dead, attempts so far, next due time
+//! b'd' hook \0 lsn ordinal            → delivered at (ms since the Unix epoch)
+//! b'a' hook \0 lsn ordinal attempt    → Attempt record
+//! b'm' "position"                     → commit LSN and end LSN of the last logged transaction
+//! ```
+//!
+//! Progress invariant: the position key is written in the same batch as the last
+//! notifications of its transaction, and the replication slot is acknowledged only after a
+//! flush that covers that batch. A key is therefore a pure function of the WAL (commit LSN,
+//! ordinal), so replaying a transaction writes the same keys again.
+
+use std::fmt;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+const NOTIFICATION: u8 = b'n';
+const PENDING: u8 = b'p';
+const DELIVERED: u8 = b'd';
+const ATTEMPT: u8 = b'a';
+const POSITION: &[u8] = b"mposition";
+
+/// Why the log could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error(
+        "data dir {dir} is in use by another walhook process (sled holds an exclusive lock); stop that process or use another --data-dir"
+    )]
+    Locked { dir: String },
+    #[error("delivery log in {dir}: {source}")]
+    Open { dir: String, source: sled::Error },
+    #[error("delivery log: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("delivery log holds a corrupt entry under key {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// Identifies one notification: the webhook, the commit LSN of its transaction, and its
+/// ordinal among that webhook's notifications of the transaction. Its text form is the
+/// `webhook-id` header: `crm-sync_00000000016B3748_0`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NotificationKey {
+    pub hook: String,
+    pub lsn: u64,
+    pub ordinal: u32,
+}
+
+impl NotificationKey {
+    fn encode(&self, kind: u8) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.hook.len() + 14);
+        key.push(kind);
+        key.extend_from_slice(self.hook.as_bytes());
+        key.push(0);
+        key.extend_from_slice(&self.lsn.to_be_bytes());
+        key.extend_from_slice(&self.ordinal.to_be_bytes());
+        key
+    }
+
+    fn attempt_key(&self, attempt: u32) -> Vec<u8> {
+        let mut key = self.encode(ATTEMPT);
+        key.extend_from_slice(&attempt.to_be_bytes());
+        key
+    }
+
+    /// Decodes a key written by [`encode`](Self::encode) (any kind byte).
+    fn decode(key: &[u8]) -> Option<NotificationKey> {
+        let rest = key.get(1..)?;
+        let nul = rest.iter().position(|b| *b == 0)?;
+        let hook = std::str::from_utf8(&rest[..nul]).ok()?.to_string();
+        let tail = rest.get(nul + 1..nul + 13)?;
+        let lsn = u64::from_be_bytes(tail[..8].try_into().ok()?);
+        let ordinal = u32::from_be_bytes(tail[8..12].try_into().ok()?);
+        Some(NotificationKey { hook, lsn, ordinal })
+    }
+
+    /// Parses the `webhook-id` form back into a key.
+    pub fn parse(id: &str) -> Option<NotificationKey> {
+        let mut parts = id.rsplitn(3, '_');
+        let ordinal = parts.next()?.parse().ok()?;
+        let lsn_hex = parts.next()?;
+        let hook = parts.next()?;
+        if hook.is_empty() || lsn_hex.len() != 16 {
+            return None;
+        }
+        let lsn = u64::from_str_radix(lsn_hex, 16).ok()?;
+        Some(NotificationKey {
+            hook: hook.to_string(),
+            lsn,
+            ordinal,
+        })
+    }
+}
+
+impl fmt::Display for NotificationKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}_{:016X}_{}", self.hook, self.lsn, self.ordinal)
+    }
+}
+
+/// Where the log stands in the WAL: the last transaction it holds completely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Position {
+    pub commit_lsn: u64,
+    pub end_lsn: u64,
+}
+
+/// Delivery state of a notification that is not delivered yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Attempts made so far, over all rounds (attempt records are numbered 1..=attempts).
+    pub attempts: u32,
+    /// Failed attempts in the current round; the retry schedule counts these. A redelivery
+    /// starts a new round.
+    pub round_failures: u32,
+    /// When the next attempt is due (ms since the Unix epoch).
+    pub next_at_ms: u64,
+    /// Parked: the retry schedule is exhausted; kept until redelivered.
+    pub dead: bool,
+    /// When the notification was logged (ms since the Unix epoch).
+    pub created_ms: u64,
+}
+
+/// One HTTP attempt, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub number: u32,
+    pub at_ms: u64,
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub latency_ms: u64,
+    /// First 1 KiB of the response body.
+    pub response: String,
+    /// SHA-256 of the request body, hex: proves every attempt sent the same payload.
+    pub payload_sha256: String,
+}
+
+/// What happens to a notification after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterAttempt {
+    Delivered,
+    RetryAt { next_at_ms: u64 },
+    Dead,
+}
+
+/// Where one notification stands, for `walhook deliveries`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    Pending(Status),
+    Dead(Status),
+    Delivered { at_ms: u64 },
+}
+
+/// One notification with its state and attempts, for `walhook deliveries show`.
+#[derive(Debug, Clone)]
+pub struct Detail {
+    pub key: NotificationKey,
+    pub body: Vec<u8>,
+    pub state: State,
+    pub attempts: Vec<Attempt>,
+}
+
+/// A notification on its way into the log.
+#[derive(Debug, Clone)]
+pub struct NewNotification {
+    pub key: NotificationKey,
+    pub body: Vec<u8>,
+}
+
+/// The delivery log. Cheap to clone; all clones share one sled database.
+#[derive(Clone)]
+pub struct Log {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl Log {
+    /// Opens (or creates) the log in `dir`.
+    pub fn open(dir: &Path) -> Result<Log, LogError> {
+        let shown = dir.display().to_string();
+        let db =
+            sled::Config::new()
+                .path(dir.join("log"))
+                .open()
+                .map_err(|source| match &source {
+                    sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                        LogError::Locked { dir: shown.clone() }
+                    }
+                    _ => LogError::Open {
+                        dir: shown.clone(),
+                        source,
+                    },
+                })?;
+        let tree = db.open_tree("log")?;
+        Ok(Log { db, tree })
+    }
+
+    /// The last transaction the log holds completely, if any.
+    pub fn position(&self) -> Result<Option<Position>, LogError> {
+        match self.tree.get(POSITION)? {
+            None => Ok(None),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| LogError::Corrupt {
+                        key: "position".into(),
+                        reason: e.to_string(),
+                    })
+            }
+        }
+    }
+
+    /// Writes notifications, and the position when given, in one atomic batch. Not durable
+    /// until [`flush`](Self::flush) returns.
+    pub fn append(
+        &self,
+        notifications: &[NewNotification],
+        position: Option<Position>,
+        now_ms: u64,
+    ) -> Result<(), LogError> {
+        let mut batch = sled::Batch::default();
+        let status = Status {
+            attempts: 0,
+            round_failures: 0,
+            next_at_ms: now_ms,
+            dead: false,
+            created_ms: now_ms,
+        };
+        let status = encode_json(&status);
+        for n in notifications {
+            batch.insert(n.key.encode(NOTIFICATION), n.body.as_slice());
+            batch.insert(n.key.encode(PENDING), status.as_slice());
+            // A replay of a transaction that was delivered before its ack reached PostgreSQL
+            // leaves the delivered record: the notification is sent again (at least once).
+            batch.remove(n.key.encode(DELIVERED));
+        }
+        if let Some(position) = position {
+            batch.insert(POSITION, encode_json(&position));
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Removes a webhook's notifications of transaction `lsn` from ordinal `from` on: left
+    /// over from an earlier, interrupted pass over the same transaction that emitted more.
+    pub fn truncate_transaction(&self, hook: &str, lsn: u64, from: u32) -> Result<(), LogError> {
+        let start = NotificationKey {
+            hook: hook.to_string(),
+            lsn,
+            ordinal: from,
+        };
+        let end = NotificationKey {
+            hook: hook.to_string(),
+            lsn,
+            ordinal: u32::MAX,
+        };
+        let mut batch = sled::Batch::default();
+        let mut any = false;
+        for kind in [NOTIFICATION, PENDING] {
+            for entry in self.tree.range(start.encode(kind)..=end.encode(kind)) {
+                let (key, _) = entry?;
+                batch.remove(key);
+                any = true;
+            }
+        }
+        if any {
+            self.tree.apply_batch(batch)?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything written so far durable (one fsync for all of it: group commit).
+    pub async fn flush(&self) -> Result<(), LogError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Pending (not dead) notifications of `hook` after `after`, in commit order, from
+    /// transactions up to `up_to_lsn`; at most `limit`.
+    pub fn pending(
+        &self,
+        hook: &str,
+        after: Option<&NotificationKey>,
+        up_to_lsn: u64,
+        limit: usize,
+    ) -> Result<Vec<(NotificationKey, Status)>, LogError> {
+        let start = match after {
+            Some(key) => {
+                let mut k = key.encode(PENDING);
+                k.push(0); // just past `after`
+                k
+            }
+            None => hook_prefix(PENDING, hook),
+        };
+        let end = NotificationKey {
+            hook: hook.to_string(),
+            lsn: up_to_lsn,
+            ordinal: u32::MAX,
+        }
+        .encode(PENDING);
+        let mut out = Vec::new();
+        for entry in self.tree.range(start..=end) {
+            let (key, value) = entry?;
+            let status: Status = decode_json(&key, &value)?;
+            if status.dead {
+                continue;
+            }
+            out.push((decode_key(&key)?, status));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The body of a notification.
+    pub fn body(&self, key: &NotificationKey) -> Result<Option<Vec<u8>>, LogError> {
+        Ok(self.tree.get(key.encode(NOTIFICATION))?.map(|v| v.to_vec()))
+    }
+
+    /// Records an attempt and its consequence in one batch. Returns the status written when
+    /// the notification stays pending or goes dead.
+    pub fn record_attempt(
+        &self,
+        key: &NotificationKey,
+        attempt: &Attempt,
+        after: AfterAttempt,
+    ) -> Result<(), LogError> {
+        let pending_key = key.encode(PENDING);
+        let mut status: Status = match self.tree.get(&pending_key)? {
+            Some(value) => decode_json(&pending_key, &value)?,
+            // Pruned or redelivered concurrently: keep the attempt record only.
+            None => {
+                self.tree
+                    .insert(key.attempt_key(attempt.number), encode_json(attempt))?;
+                return Ok(());
+            }
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(key.attempt_key(attempt.number), encode_json(attempt));
+        status.attempts = status.attempts.max(attempt.number);
+        match after {
+            AfterAttempt::Delivered => {
+                batch.remove(pending_key);
+                batch.insert(key.encode(DELIVERED), &attempt.at_ms.to_be_bytes());
+            }
+            AfterAttempt::RetryAt { next_at_ms } => {
+                status.round_failures += 1;
+                status.next_at_ms = next_at_ms;
+                batch.insert(pending_key, encode_json(&status));
+            }
+            AfterAttempt::Dead => {
+                status.round_failures += 1;
+                status.dead = true;
+                batch.insert(pending_key, encode_json(&status));
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Every pending and dead notification, in key order.
+    pub fn undelivered(&self) -> Result<Vec<(NotificationKey, Status)>, LogError> {
+        let mut out = Vec::new();
+        for entry in self.tree.scan_prefix([PENDING]) {
+            let (key, value) = entry?;
+            out.push((decode_key(&key)?, decode_json(&key, &value)?));
+        }
+        Ok(out)
+    }
+
+    /// One notification with its state and attempts.
+    pub fn detail(&self, key: &NotificationKey) -> Result<Option<Detail>, LogError> {
+        let Some(body) = self.body(key)? else {
+            return Ok(None);
+        };
+        let pending_key = key.encode(PENDING);
+        let state = if let Some(value) = self.tree.get(&pending_key)? {
+            let status: Status = decode_json(&pending_key, &value)?;
+            if status.dead {
+                State::Dead(status)
+            } else {
+                State::Pending(status)
+            }
+        } else if let Some(value) = self.tree.get(key.encode(DELIVERED))? {
+            State::Delivered {
+                at_ms: decode_ms(&value),
+            }
+        } else {
+            return Ok(None);
+        };
+        let mut attempts = Vec::new();
+        for entry in self.tree.scan_prefix(key.encode(ATTEMPT)) {
+            let (k, value) = entry?;
+            attempts.push(decode_json(&k, &value)?);
+        }
+        Ok(Some(Detail {
+            key: key.clone(),
+            body,
+            state,
+            attempts,
+        }))
+    }
+
+    /// Queues a notification (dead, delivered or pending) for a new round of attempts, due
+    /// now. Returns false when the log does not hold it.
+    pub fn redeliver(&self, key: &NotificationKey, now_ms: u64) -> Result<bool, LogError> {
+        let Some(detail) = self.detail(key)? else {
+            return Ok(false);
+        };
+        let (attempts, created_ms) = match detail.state {
+            State::Pending(s) | State::Dead(s) => (s.attempts, s.created_ms),
+            State::Delivered { .. } => (
+                detail.attempts.iter().map(|a| a.number).max().unwrap_or(0),
+                now_ms,
+            ),
+        };
+        let status = Status {
+            attempts,
+            round_failures: 0,
+            next_at_ms: now_ms,
+            dead: false,
+            created_ms,
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(key.encode(PENDING), encode_json(&status));
+        batch.remove(key.encode(DELIVERED));
+        self.tree.apply_batch(batch)?;
+        Ok(true)
+    }
+
+    /// Redelivers every dead notification; returns how many.
+    pub fn redeliver_dead(&self, now_ms: u64) -> Result<usize, LogError> {
+        let dead: Vec<NotificationKey> = self
+            .undelivered()?
+            .into_iter()
+            .filter(|(_, s)| s.dead)
+            .map(|(k, _)| k)
+            .collect();
+        for key in &dead {
+            self.redeliver(key, now_ms)?;
+        }
+        Ok(dead.len())
+    }
+
+    /// Removes delivered notifications (body, record and attempts) delivered before
+    /// `cutoff_ms`. Returns how many.
+    pub fn prune_delivered(&self, cutoff_ms: u64) -> Result<usize, LogError> {
+        let mut pruned = 0;
+        let mut batch = sled::Batch::default();
+        for entry in self.tree.scan_prefix([DELIVERED]) {
+            let (key, value) = entry?;
+            if decode_ms(&value) >= cutoff_ms {
+                continue;
+            }
+            let nkey = decode_key(&key)?;
+            batch.remove(nkey.encode(NOTIFICATION));
+            for attempt in self.tree.scan_prefix(nkey.encode(ATTEMPT)) {
+                batch.remove(attempt?.0);
+            }
+            batch.remove(key);
+            pruned += 1;
+            if pruned % 1000 == 0 {
+                self.tree.apply_batch(std::mem::take(&mut batch))?;
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(pruned)
+    }
+
+    /// Counts of entries per kind, for tests and status output.
+    pub fn counts(&self) -> Result<Counts, LogError> {
+        let mut counts = Counts::default();
+        for entry in self.tree.iter() {
+            let (key, value) = entry?;
+            match key.first() {
+                Some(&NOTIFICATION) => counts.notifications += 1,
+                Some(&DELIVERED) => counts.delivered += 1,
+                Some(&ATTEMPT) => counts.attempts += 1,
+                Some(&PENDING) => {
+                    let status: Status = decode_json(&key, &value)?;
+                    if status.dead {
+                        counts.dead += 1
+                    } else {
+                        counts.pending += 1
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(counts)
+    }
+}
+
+/// How many entries of each kind the log holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub notifications: usize,
+    pub pending: usize,
+    pub dead: usize,
+    pub delivered: usize,
+    pub attempts: usize,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn hook_prefix(kind: u8, hook: &str) -> Vec<u8> {
+    let mut key = vec![kind];
+    key.extend_from_slice(hook.as_bytes());
+    key.push(0);
+    key
+}
+
+fn decode_key(key: &[u8]) -> Result<NotificationKey, LogError> {
+    NotificationKey::decode(key).ok_or_else(|| LogError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: "not a notification key".into(),
+    })
+}
+
+fn decode_ms(value: &[u8]) -> u64 {
+    value
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+fn encode_json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain structs cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode_json<T: for<'de> Deserialize<'de>>(key: &[u8], value: &[u8]) -> Result<T, LogError> {
+    serde_json::from_slice(value).map_err(|e| LogError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(hook: &str, lsn: u64, ordinal: u32) -> NotificationKey {
+        NotificationKey {
+            hook: hook.into(),
+            lsn,
+            ordinal,
+        }
+    }
+
+    fn note(hook: &str, lsn: u64, ordinal: u32) -> NewNotification {
+        NewNotification {
+            key: key(hook, lsn, ordinal),
+            body: format!("{{\"lsn\":{lsn},\"n\":{ordinal}}}").into_bytes(),
+        }
+    }
+
+    fn attempt(number: u32, status: u16) -> Attempt {
+        Attempt {
+            number,
+            at_ms: 1000 + number as u64,
+            status: Some(status),
+            error: None,
+            latency_ms: 3,
+            response: "ok".into(),
+            payload_sha256: "00".into(),
+        }
+    }
+
+    #[test]
+    fn ids_round_trip() {
+        let k = key("crm-sync_x", 0x16B3748, 7);
+        assert_eq!(k.to_string(), "crm-sync_x_00000000016B3748_7");
+        assert_eq!(NotificationKey::parse(&k.to_string()), Some(k.clone()));
+        assert_eq!(NotificationKey::decode(&k.encode(PENDING)), Some(k));
+        assert_eq!(NotificationKey::parse("nope"), None);
+        assert_eq!(NotificationKey::parse("h_123_1"), None);
+    }
+
+    #[tokio::test]
+    async fn pending_respects_order_visibility_and_hooks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path()).expect("open");
+        log.append(
+            &[note("a", 20, 0), note("a", 10, 1), note("b", 10, 0)],
+            Some(Position {
+                commit_lsn: 10,
+                end_lsn: 11,
+            }),
+            5,
+        )
+        .expect("append");
+        log.append(&[note("a", 10, 0)], None, 5).expect("append");
+        log.flush().await.expect("flush");
+        assert_eq!(log.position().expect("pos").map(|p| p.end_lsn), Some(11));
+
+        let keys = |v: Vec<(NotificationKey, Status)>| -> Vec<String> {
+            v.into_iter().map(|(k, _)| k.to_string()).collect()
+        };
+        let visible = log.pending("a", None, 10, 100).expect("pending");
+        assert_eq!(
+            keys(visible),
+            vec!["a_000000000000000A_0", "a_000000000000000A_1"]
+        );
+        let all = log.pending("a", None, u64::MAX, 100).expect("pending");
+        assert_eq!(all.len(), 3);
+        let after = log
+            .pending("a", Some(&key("a", 10, 0)), u64::MAX, 1)
+            .expect("pending");
+        assert_eq!(keys(after), vec!["a_000000000000000A_1"]);
+        assert_eq!(log.pending("b", None, u64::MAX, 100).expect("b").len(), 1);
+    }
+
+    #[test]
+    fn attempts_move_notifications_through_their_states() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path()).expect("open");
+        log.append(&[note("h", 1, 0), note("h", 1, 1)], None, 0)
+            .expect("append");
+        let k0 = key("h", 1, 0);
+        let k1 = key("h", 1, 1);
+        log.record_attempt(
+            &k0,
+            &attempt(1, 500),
+            AfterAttempt::RetryAt { next_at_ms: 99 },
+        )
+        .expect("retry");
+        log.record_attempt(&k0, &attempt(2, 200), AfterAttempt::Delivered)
+            .expect("delivered");
+        log.record_attempt(&k1, &attempt(1, 404), AfterAttempt::Dead)
+            .expect("dead");
+
+        let d0 = log.detail(&k0).expect("detail").expect("exists");
+        assert!(matches!(d0.state, State::Delivered { at_ms: 1002 }));
+        assert_eq!(d0.attempts.len(), 2);
+        let d1 = log.detail(&k1).expect("detail").expect("exists");
+        assert!(matches!(d1.state, State::Dead(ref s) if s.attempts == 1 && s.round_failures == 1));
+        assert!(log.pending("h", None, u64::MAX, 10).expect("p").is_empty());
+
+        assert_eq!(log.redeliver_dead(50).expect("redeliver"), 1);
+        let again = log.pending("h", None, u64::MAX, 10).expect("p");
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].1.round_failures, 0);
+        assert_eq!(again[0].1.attempts, 1, "attempt numbering continues");
+
+        assert!(log.redeliver(&k0, 60).expect("redeliver delivered"));
+        assert_eq!(log.pending("h", None, u64::MAX, 10).expect("p").len(), 2);
+        assert!(!log.redeliver(&key("h", 9, 9), 60).expect("missing"));
+    }
+
+    #[test]
+    fn pruning_removes_only_old_delivered_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path()).expect("open");
+        log.append(
+            &[note("h", 1, 0), note("h", 2, 0), note("h", 3, 0)],
+            None,
+            0,
+        )
+        .expect("append");
+        let mut old = attempt(1, 200);
+        old.at_ms = 100;
+        log.record_attempt(&key("h", 1, 0), &old, AfterAttempt::Delivered)
+            .expect("old");
+        let mut new = attempt(1, 200);
+        new.at_ms = 900;
+        log.record_attempt(&key("h", 2, 0), &new, AfterAttempt::Delivered)
+            .expect("new");
+        assert_eq!(log.prune_delivered(500).expect("prune"), 1);
+        let counts = log.counts().expect("counts");
+        assert_eq!(counts.notifications, 2);
+        assert_eq!(counts.delivered, 1);
+        assert_eq!(counts.pending, 1);
+        assert_eq!(counts.attempts, 1);
+        assert!(log.detail(&key("h", 1, 0)).expect("detail").is_none());
+    }
+
+    #[test]
+    fn truncate_transaction_drops_leftover_ordinals() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path()).expect("open");
+        log.append(
+            &[note("h", 5, 0), note("h", 5, 1), note("h", 5, 2)],
+            None,
+            0,
+        )
+        .expect("append");
+        log.truncate_transaction("h", 5, 1).expect("truncate");
+        assert_eq!(log.counts().expect("counts").notifications, 1);
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_dir_says_it_is_locked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _log = Log::open(dir.path()).expect("open");
+        match Log::open(dir.path()) {
+            Err(e @ LogError::Locked { .. }) => assert!(e.to_string().contains("in use")),
+            Err(e) => panic!("unexpected error: {e}"),
+            Ok(_) => panic!("second open succeeded"),
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! `walhook run`: connect, prepare the publication and slot, stream, log, deliver.
+//!
+//! ```text
+//!  replication stream ──► Assembler ──► log.append (sled, in memory) ──► applied (watch)
+//!        ▲                                                                   │
+//!        │ ack (update_applied_lsn)                                          ▼
+//!        └──────────────── durable (watch) ◄──── flusher: log.flush() (one fsync per group)
+//!                                │
+//!                                └──► delivery queues (one per webhook) read up to `durable`
+//! ```
+//!
+//! Group commit: the stream task appends each committed transaction to sled without waiting;
+//! the flusher task flushes whatever has been appended, then publishes the position it
+//! covered. Only then is the slot acknowledged and are the notifications delivered. While a
+//! flush runs, more transactions are appended, and the next flush covers all of them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::deliver::http::build_client;
+use crate::deliver::queue::Queue;
+use crate::log::{now_ms, Log, LogError, Position};
+use crate::schema::describe_tables;
+use crate::shutdown::{requested, Stop};
+use crate::source::{self, Database, SourceError};
+use crate::txn::{Assembler, TxnError};
+
+/// What `walhook run` needs.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub database_url: String,
+    pub slot: String,
+    pub publication: String,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+    pub classifications: Option<PathBuf>,
+}
+
+/// Why `run` stopped with an error. Every variant is definite: transient faults are retried
+/// inside and never surface here.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("{0}")]
+    Source(String),
+    #[error("{0}")]
+    Stream(String),
+}
+
+impl From<SourceError> for RunError {
+    fn from(e: SourceError) -> Self {
+        RunError::Source(e.to_string())
+    }
+}
+
+/// Backoff between reconnects: doubles from 500 ms to 30 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    const START: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Backoff {
+        Backoff(Backoff::START)
+    }
+
+    fn reset(&mut self) {
+        self.0 = Backoff::START;
+    }
+
+    /// Sleeps, unless a stop arrives first; returns false on stop.
+    async fn wait(&mut self, stop: &mut Stop) -> bool {
+        let delay = self.0;
+        self.0 = (self.0 * 2).min(Backoff::MAX);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = requested(stop) => false,
+        }
+    }
+}
+
+pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
+    let config = Config::load(&opts.config, |name| std::env::var(name).ok())
+        .map_err(|e| RunError::Config(e.to_string()))?;
+    reject_classifications(&opts)?;
+    let db = Database::parse(&opts.database_url)?;
+    std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
+        RunError::Config(format!(
+            "cannot create --data-dir {}: {e}",
+            opts.data_dir.display()
+        ))
+    })?;
+    let log = Log::open(&opts.data_dir)?;
+    let tables = config.tables();
+
+    // Prerequisites, publication and slot. Unreachable or restarting servers are waited
+    // for; anything else is a problem for the user to fix.
+    let mut backoff = Backoff::new();
+    let (client, infos, confirmed) = loop {
+        match prepare(&db, &opts, &tables).await {
+            Ok(ready) => break ready,
+            Err(PrepareError::Definite(e)) => return Err(RunError::Source(e)),
+            Err(PrepareError::Transient(e)) => {
+                tracing::warn!(database = %db.describe(), error = %e, "database not ready, retrying");
+                if !backoff.wait(&mut stop).await {
+                    return Ok(());
+                }
+            }
+        }
+    };
+
+    let position = log.position()?.unwrap_or_default();
+    let (durable_tx, durable_rx) = watch::channel(position.commit_lsn);
+    let (stop_queues_tx, stop_queues) = watch::channel(false);
+    let http = build_client()
+        .map_err(|e| RunError::Config(format!("cannot set up the HTTP client: {e}")))?;
+    let mut queues = Vec::new();
+    for webhook in &config.webhooks {
+        let queue = Queue::new(
+            webhook.clone(),
+            http.clone(),
+            log.clone(),
+            durable_rx.clone(),
+        );
+        queues.push(tokio::spawn(queue.run(stop_queues.clone())));
+    }
+    let pruner = tokio::spawn(prune(log.clone(), config.retention, stop_queues.clone()));
+
+    let mut assembler = Assembler::new(&config, &infos, position.commit_lsn);
+    let mut stream = Stream {
+        db: &db,
+        opts: &opts,
+        log: &log,
+        acked: confirmed,
+        durable_tx,
+    };
+    tracing::info!(slot = %opts.slot, publication = %opts.publication, resume = %confirmed, "streaming");
+    let result = stream.run(&mut assembler, &mut stop).await;
+
+    // Let queues finish attempts in flight (their outcome is recorded), then stop.
+    let _ = stop_queues_tx.send(true);
+    for queue in queues {
+        match queue.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "delivery queue failed"),
+            Err(e) => tracing::error!(error = %e, "delivery queue panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
+    pruner.abort();
+
+    // Make the final acknowledgement certain: the replication session is closed now, so
+    // move the slot with SQL.
+    if result.is_ok() {
+        let acked = stream.acked;
+        for _ in 0..20 {
+            match source::advance_slot(&client, &opts.slot, acked).await {
+                Ok(()) => break,
+                // The walsender may still hold the slot for a moment after the stream ends.
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        tracing::info!(acknowledged = %acked, "stopped");
+    }
+    result
+}
+
+fn reject_classifications(opts: &RunOptions) -> Result<(), RunError> {
+    let Some(dir) = &opts.classifications else {
+        return Ok(());
+    };
+    let has_sql = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "sql"))
+        })
+        .unwrap_or(false);
+    if has_sql {
+        return Err(RunError::Config(format!(
+            "--classifications {}: classification events are not implemented in this version of walhook; remove the flag",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+enum PrepareError {
+    Transient(String),
+    Definite(String),
+}
+
+impl From<SourceError> for PrepareError {
+    fn from(e: SourceError) -> Self {
+        match e {
+            SourceError::Transient(m) => PrepareError::Transient(m),
+            SourceError::Definite(m) => PrepareError::Definite(m),
+        }
+    }
+}
+
+type Prepared = (
+    tokio_postgres::Client,
+    std::collections::BTreeMap<crate::config::TableName, crate::schema::TableInfo>,
+    Lsn,
+);
+
+async fn prepare(
+    db: &Database,
+    opts: &RunOptions,
+    tables: &[crate::config::TableName],
+) -> Result<Prepared, PrepareError> {
+    let client = db.connect().await?;
+    let mut problems = source::check_server(&client).await?;
+    let (infos, table_problems) = describe_tables(&client, tables)
+        .await
+        .map_err(SourceError::from)?;
+    problems.extend(table_problems);
+    if !problems.is_empty() {
+        return Err(PrepareError::Definite(problems.join("\n")));
+    }
+    source::ensure_publication(&client, &opts.publication, tables).await?;
+    let confirmed = source::ensure_slot(&client, &opts.slot).await?;
+    Ok((client, infos, confirmed))
+}
+
+/// The streaming side: one replication session after another, until stopped.
+struct Stream<'a> {
+    db: &'a Database,
+    opts: &'a RunOptions,
+    log: &'a Log,
+    /// The highest position reported to the server. Never moves backwards, across sessions
+    /// too: a new session starts here.
+    acked: Lsn,
+    durable_tx: watch::Sender<u64>,
+}
+
+enum SessionEnd {
+    Stopped,
+    Failed(SourceError),
+}
+
+impl Stream<'_> {
+    async fn run(&mut self, assembler: &mut Assembler, stop: &mut Stop) -> Result<(), RunError> {
+        let mut backoff = Backoff::new();
+        loop {
+            assembler.reset();
+            match self.session(assembler, stop, &mut backoff).await? {
+                SessionEnd::Stopped => return Ok(()),
+                SessionEnd::Failed(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, "replication interrupted, reconnecting");
+                    if !backoff.wait(stop).await {
+                        return Ok(());
+                    }
+                }
+                SessionEnd::Failed(e) => return Err(RunError::Source(e.to_string())),
+            }
+        }
+    }
+
+    /// One replication session, with its own flusher. Returns how it ended; log failures
+    /// and undecodable data are errors.
+    async fn session(
+        &mut self,
+        assembler: &mut Assembler,
+        stop: &mut Stop,
+        backoff: &mut Backoff,
+    ) -> Result<SessionEnd, RunError> {
+        let replication = self
+            .db
+            .replication(&self.opts.slot, &self.opts.publication, self.acked);
+        let mut client = match ReplicationClient::connect(replication).await {
+            Ok(client) => client,
+            Err(e) => return Ok(SessionEnd::Failed(e.into())),
+        };
+
+        // The flusher: one fsync covers every transaction appended since the last one.
+        let (applied_tx, applied_rx) = watch::channel(None::<Position>);
+        let flusher = tokio::spawn(flush_loop(
+            self.log.clone(),
+            applied_rx,
+            self.durable_tx.clone(),
+        ));
+        let mut durable_rx = self.durable_tx.subscribe();
+        let mut applied: Option<Position> = None;
+        let mut durable_end = Lsn::ZERO;
+        // A keepalive position seen while idle, acknowledged once everything before it is
+        // durable.
+        let mut idle_wal_end: Option<Lsn> = None;
+
+        let end = loop {
+            tokio::select! {
+                // Stop reading; what was appended is flushed below.
+                _ = requested(stop) => break SessionEnd::Stopped,
+                // The flusher made more durable: acknowledge it.
+                changed = durable_rx.changed() => {
+                    if changed.is_err() {
+                        break SessionEnd::Failed(SourceError::Transient("flusher stopped".into()));
+                    }
+                    let commit = *durable_rx.borrow_and_update();
+                    if let Some(pos) = applied.filter(|p| p.commit_lsn <= commit) {
+                        durable_end = durable_end.max(Lsn(pos.end_lsn));
+                    }
+                    let caught_up = applied.is_none_or(|p| p.commit_lsn <= commit);
+                    let mut ack = durable_end;
+                    if caught_up && !assembler.in_transaction() {
+                        ack = ack.max(idle_wal_end.take().unwrap_or(Lsn::ZERO));
+                    }
+                    self.ack(&client, ack);
+                }
+                event = client.recv() => {
+                    let event = match event {
+                        Ok(Some(event)) => event,
+                        Ok(None) => break SessionEnd::Failed(SourceError::Transient("replication stream ended".into())),
+                        Err(e) => break SessionEnd::Failed(e.into()),
+                    };
+                    match event {
+                        ReplicationEvent::Begin { final_lsn, commit_time_micros, .. } => {
+                            backoff.reset();
+                            assembler.begin(final_lsn, commit_time_micros);
+                        }
+                        ReplicationEvent::XLogData { data, .. } => match assembler.change(&data) {
+                            Ok(ready) if ready.is_empty() => {}
+                            Ok(ready) => self.log.append(&ready, None, now_ms())?,
+                            Err(TxnError::Protocol(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
+                            Err(e @ TxnError::Definite(_)) => return Err(RunError::Stream(e.to_string())),
+                        },
+                        ReplicationEvent::Commit { lsn, end_lsn, .. } => match assembler.commit(lsn, end_lsn) {
+                            Ok(Some(committed)) => {
+                                if committed.spilled {
+                                    for (hook, count) in &committed.ordinals {
+                                        self.log.truncate_transaction(hook, lsn.0, *count)?;
+                                    }
+                                }
+                                self.log.append(&committed.notifications, Some(committed.position), now_ms())?;
+                                applied = Some(committed.position);
+                                applied_tx.send_replace(applied);
+                            }
+                            // Already in the log: a replay after a restart.
+                            Ok(None) => {
+                                if applied.is_none() {
+                                    self.ack(&client, end_lsn);
+                                }
+                            }
+                            Err(TxnError::Protocol(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
+                            Err(e @ TxnError::Definite(_)) => return Err(RunError::Stream(e.to_string())),
+                        },
+                        ReplicationEvent::KeepAlive { wal_end, .. } => {
+                            if !assembler.in_transaction() {
+                                let durable = *self.durable_tx.borrow();
+                                if applied.is_none_or(|p| p.commit_lsn <= durable) {
+                                    // Nothing is waiting for a flush: the server may drop
+                                    // WAL up to here (an idle database never holds WAL).
+                                    self.ack(&client, wal_end);
+                                } else {
+                                    idle_wal_end = Some(wal_end);
+                                }
+                            }
+                        }
+                        ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+                    }
+                }
+            }
+        };
+
+        // Flush what this session appended, then acknowledge it before closing.
+        drop(applied_tx);
+        match flusher.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(e) => return Err(RunError::Stream(format!("flusher task failed: {e}"))),
+        }
+        if let Some(pos) = applied {
+            self.ack(&client, Lsn(pos.end_lsn));
+        }
+        if matches!(end, SessionEnd::Stopped) {
+            // Give the worker one status interval to report the final position; the slot is
+            // also advanced with SQL afterwards.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
+        Ok(end)
+    }
+
+    fn ack(&mut self, client: &ReplicationClient, lsn: Lsn) {
+        if lsn > self.acked {
+            self.acked = lsn;
+            client.update_applied_lsn(lsn);
+        }
+    }
+}
+
+/// Flushes the log whenever transactions were appended, then publishes the commit LSN the
+/// flush covered. Ends (after a last flush) when the session drops `applied`.
+async fn flush_loop(
+    log: Log,
+    mut applied: watch::Receiver<Option<Position>>,
+    durable: watch::Sender<u64>,
+) -> Result<(), LogError> {
+    let mut flushed: Option<Position> = None;
+    loop {
+        let closed = applied.changed().await.is_err();
+        let target = *applied.borrow_and_update();
+        if target != flushed {
+            log.flush().await?;
+            if let Some(pos) = target {
+                durable.send_replace(pos.commit_lsn);
+            }
+            flushed = target;
+        }
+        if closed {
+            return Ok(());
+        }
+    }
+}
+
+/// Prunes delivered notifications older than the retention, at start and every 10 minutes.
+async fn prune(log: Log, retention: Duration, mut stop: Stop) {
+    loop {
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        match log.prune_delivered(cutoff) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "pruned delivered notifications past retention"),
+            Err(e) => tracing::warn!(error = %e, "pruning the delivery log failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+            _ = requested(&mut stop) => return,
+        }
+    }
+}
