@@ -1,3 +1,8 @@
-//! walhook's integration tests: one binary, modules per capability.
+//! walhook's integration tests: one binary, modules per capability. Every test runs the
+//! real binary against a throwaway PostgreSQL cluster and a real local HTTP receiver.
+mod bad_input;
+mod delivery;
+mod durability;
 mod harness;
+mod mutations;
 mod support;

@@ -16,6 +16,7 @@
 pub mod pg;
 pub mod process;
 pub mod receiver;
+pub mod scenario;
 
 // Re-exported for test modules; each uses only some of them.
 pub use pg::PgCluster;
@@ -23,3 +24,5 @@ pub use pg::PgCluster;
 pub use process::{run_to_completion, write_config, Walhook};
 #[allow(unused_imports)]
 pub use receiver::{Answer, Plan, Receiver, Recorded};
+#[allow(unused_imports)]
+pub use scenario::{rows_of, signature_ok, Scenario, SECRET, WAIT};

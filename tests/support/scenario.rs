@@ -1,0 +1,127 @@
+//! The usual test set-up in one place: a cluster with some tables, a receiver, a config
+//! pointing at the receiver, a data dir, and the real walhook binary streaming.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use walhook::deliver::sign::{verify, SigningKey};
+
+use super::{write_config, PgCluster, Receiver, Recorded, Walhook};
+
+/// The Standard Webhooks test-vector secret; every test config signs with it.
+pub const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+
+/// How long tests wait for something that should happen within a second or two.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Scenario {
+    pub pg: PgCluster,
+    pub receiver: Receiver,
+    pub dir: TempDir,
+    pub config: PathBuf,
+}
+
+impl Scenario {
+    /// Starts a cluster, runs `setup_sql`, starts a receiver, and writes `config`, in which
+    /// `{receiver}` stands for the receiver's base URL (no trailing slash) and `{secret}` for
+    /// [`SECRET`].
+    pub async fn new(setup_sql: &str, config: &str) -> Scenario {
+        let pg = PgCluster::start();
+        if !setup_sql.is_empty() {
+            pg.exec(setup_sql).await;
+        }
+        let receiver = Receiver::start().await;
+        let dir = tempfile::Builder::new()
+            .prefix("walhook-test-")
+            .tempdir()
+            .expect("temp dir");
+        let base = receiver.url("");
+        let text = config
+            .replace("{receiver}", base.trim_end_matches('/'))
+            .replace("{secret}", SECRET);
+        let config = write_config(dir.path(), &text);
+        Scenario {
+            pg,
+            receiver,
+            dir,
+            config,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Arguments of `walhook run` for this scenario (default slot and publication).
+    pub fn run_args(&self) -> Vec<String> {
+        vec![
+            "run".into(),
+            "--database-url".into(),
+            self.pg.url(),
+            "--data-dir".into(),
+            self.data_dir().display().to_string(),
+            "--config".into(),
+            self.config.display().to_string(),
+        ]
+    }
+
+    /// Spawns `walhook run` and waits until it streams.
+    pub async fn start_walhook(&self) -> Walhook {
+        let walhook = Walhook::spawn(&self.run_args(), &[]);
+        walhook.wait_log_contains("streaming", WAIT).await;
+        walhook
+    }
+
+    /// `walhook deliveries --data-dir DIR <args>`: (success, stdout, stderr).
+    pub async fn deliveries(&self, args: &[&str]) -> (bool, String, String) {
+        let mut all = vec![
+            "deliveries".to_string(),
+            "--data-dir".into(),
+            self.data_dir().display().to_string(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let (status, out, err) = super::run_to_completion(&all, &[], WAIT).await;
+        (status.success(), out, err)
+    }
+
+    /// The slot's confirmed flush position and the server's current WAL position, as
+    /// comparable numbers.
+    pub async fn slot_and_wal(&self, slot: &str) -> (u64, u64) {
+        let client = self.pg.client().await;
+        let row = client
+            .query_one(
+                "SELECT (confirmed_flush_lsn - '0/0')::text, (pg_current_wal_lsn() - '0/0')::text \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("slot exists");
+        let num = |i: usize| row.get::<_, String>(i).parse::<u64>().expect("lsn number");
+        (num(0), num(1))
+    }
+}
+
+/// True when the request carries a valid Standard Webhooks signature made with [`SECRET`].
+pub fn signature_ok(r: &Recorded) -> bool {
+    let key = SigningKey::parse(SECRET).expect("test secret");
+    let (Some(id), Some(ts), Some(sig)) = (
+        r.header("webhook-id"),
+        r.header("webhook-timestamp")
+            .and_then(|t| t.parse::<i64>().ok()),
+        r.header("webhook-signature"),
+    ) else {
+        return false;
+    };
+    verify(&[key], id, ts, &r.body, sig)
+}
+
+/// The `rows` of every request whose body has this `op`, in arrival order, flattened.
+pub fn rows_of(requests: &[Recorded], op: &str) -> Vec<serde_json::Value> {
+    requests
+        .iter()
+        .map(|r| r.json())
+        .filter(|b| b["op"] == op)
+        .flat_map(|b| b["rows"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
