@@ -3,12 +3,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
-use crate::log::{Log, NotificationKey, State};
+use crate::control;
+use crate::inspect::{self, Request};
+use crate::log::{Log, LogError};
 use crate::run::{run, RunOptions};
 use crate::schema::describe_tables;
 use crate::source::{self, Database, PublicationState};
@@ -30,7 +31,8 @@ enum Command {
     Run(RunArgs),
     /// Validate the config and the database prerequisites without streaming.
     Check(CheckArgs),
-    /// Inspect and redeliver notifications in the delivery log (while `run` is stopped).
+    /// Inspect and redeliver notifications in the delivery log (directly, or through a
+    /// running `walhook run`'s control socket).
     Deliveries(DeliveriesArgs),
 }
 
@@ -110,7 +112,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run_command(args).await,
             Command::Check(args) => check_command(args).await,
-            Command::Deliveries(args) => deliveries_command(args),
+            Command::Deliveries(args) => deliveries_command(args).await,
         }
     })
 }
@@ -203,126 +205,43 @@ async fn check_database(
     Ok(())
 }
 
-fn deliveries_command(args: DeliveriesArgs) -> ExitCode {
-    let log = match Log::open(&args.data_dir) {
-        Ok(log) => log,
-        Err(e) => return fail(&e.to_string()),
-    };
-    let now = crate::log::now_ms();
-    let result = match args.action {
-        DeliveriesAction::List => list(&log),
-        DeliveriesAction::Show { id } => show(&log, &id),
-        DeliveriesAction::Redeliver { id: None, dead: true } => log
-            .redeliver_dead(now)
-            .map(|n| println!("queued {n} dead notification(s) for redelivery"))
-            .map_err(|e| e.to_string()),
-        DeliveriesAction::Redeliver { id: Some(id), dead: false } => match parse_id(&id) {
-            Err(e) => Err(e),
-            Ok(key) => match log.redeliver(&key, now) {
-                Ok(true) => {
-                    println!("queued {key} for redelivery");
-                    Ok(())
-                }
-                Ok(false) => Err(format!("no notification {id} in {}", args.data_dir.display())),
-                Err(e) => Err(e.to_string()),
-            },
-        },
+async fn deliveries_command(args: DeliveriesArgs) -> ExitCode {
+    let request = match args.action {
+        DeliveriesAction::List => Request::List,
+        DeliveriesAction::Show { id } => Request::Show { id },
+        DeliveriesAction::Redeliver { id: None, dead: true } => Request::RedeliverDead,
+        DeliveriesAction::Redeliver {
+            id: Some(id),
+            dead: false,
+        } => Request::Redeliver { id },
         DeliveriesAction::Redeliver { .. } => {
-            Err("redeliver takes either an ID or --dead; e.g. walhook deliveries --data-dir DIR redeliver --dead".into())
+            return fail("redeliver takes either an ID or --dead; e.g. walhook deliveries --data-dir DIR redeliver --dead")
         }
     };
-    // sled flushes on drop as well; flush explicitly so a redelivery is durable at exit.
-    let flushed = futures_flush(&log);
-    match result.and(flushed) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = match Log::open(&args.data_dir) {
+        Ok(log) => {
+            let result = inspect::execute(&log, &request);
+            // Make a redelivery durable before saying it is queued.
+            match log.flush().await {
+                Ok(()) => result,
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        // A running `walhook run` holds the log: ask it through its control socket.
+        Err(locked @ LogError::Locked { .. }) => {
+            match control::request(&args.data_dir, &request).await {
+                Ok(response) if response.ok => Ok(response.output),
+                Ok(response) => Err(response.output),
+                Err(_) => Err(locked.to_string()),
+            }
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    match result {
+        Ok(output) => {
+            println!("{output}");
+            ExitCode::SUCCESS
+        }
         Err(e) => fail(&e),
     }
-}
-
-fn futures_flush(log: &Log) -> Result<(), String> {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(log.flush()))
-        .map_err(|e| e.to_string())
-}
-
-fn parse_id(id: &str) -> Result<NotificationKey, String> {
-    NotificationKey::parse(id).ok_or_else(|| {
-        format!("{id:?} is not a notification id; ids look like crm-sync_00000000016B3748_0 (see walhook deliveries list)")
-    })
-}
-
-fn timestamp(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
-fn list(log: &Log) -> Result<(), String> {
-    let entries = log.undelivered().map_err(|e| e.to_string())?;
-    if entries.is_empty() {
-        println!("no pending or dead notifications");
-    }
-    for (key, status) in entries {
-        let state = if status.dead { "dead" } else { "pending" };
-        let last = log
-            .detail(&key)
-            .map_err(|e| e.to_string())?
-            .and_then(|d| d.attempts.last().cloned())
-            .map(|a| {
-                a.error
-                    .or_else(|| a.status.map(|s| format!("HTTP {s}")))
-                    .unwrap_or_default()
-            })
-            .unwrap_or_else(|| "-".into());
-        let next = if status.dead {
-            "-".to_string()
-        } else {
-            timestamp(status.next_at_ms)
-        };
-        println!(
-            "{key}\t{state}\tattempts={}\tnext={next}\tlast={last}",
-            status.attempts
-        );
-    }
-    Ok(())
-}
-
-fn show(log: &Log, id: &str) -> Result<(), String> {
-    let key = parse_id(id)?;
-    let detail = log
-        .detail(&key)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no notification {id} in the delivery log"))?;
-    let (state, next) = match &detail.state {
-        State::Pending(s) => ("pending", Some(timestamp(s.next_at_ms))),
-        State::Dead(_) => ("dead", None),
-        State::Delivered { .. } => ("delivered", None),
-    };
-    let body: serde_json::Value = serde_json::from_slice(&detail.body).unwrap_or_else(|_| {
-        serde_json::Value::String(String::from_utf8_lossy(&detail.body).into())
-    });
-    let attempts: Vec<serde_json::Value> = detail
-        .attempts
-        .iter()
-        .map(|a| {
-            serde_json::json!({
-                "number": a.number,
-                "at": timestamp(a.at_ms),
-                "status": a.status,
-                "error": a.error,
-                "latency_ms": a.latency_ms,
-                "response": a.response,
-                "payload_sha256": a.payload_sha256,
-            })
-        })
-        .collect();
-    let out = serde_json::json!({
-        "id": key.to_string(),
-        "state": state,
-        "next_attempt_at": next,
-        "body": body,
-        "attempts": attempts,
-    });
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
-    );
-    Ok(())
 }

@@ -7,8 +7,10 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod deliver;
 pub mod derive;
+pub mod inspect;
 pub mod log;
 pub mod pgoutput;
 pub mod run;

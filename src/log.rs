@@ -30,6 +30,8 @@ const PENDING: u8 = b'p';
 const DELIVERED: u8 = b'd';
 const ATTEMPT: u8 = b'a';
 const POSITION: &[u8] = b"mposition";
+/// sled's page cache.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Why the log could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -188,19 +190,21 @@ impl Log {
     /// Opens (or creates) the log in `dir`.
     pub fn open(dir: &Path) -> Result<Log, LogError> {
         let shown = dir.display().to_string();
-        let db =
-            sled::Config::new()
-                .path(dir.join("log"))
-                .open()
-                .map_err(|source| match &source {
-                    sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                        LogError::Locked { dir: shown.clone() }
-                    }
-                    _ => LogError::Open {
-                        dir: shown.clone(),
-                        source,
-                    },
-                })?;
+        let db = sled::Config::new()
+            .path(dir.join("log"))
+            // sled caches up to 1 GiB by default; the log is read mostly at its head
+            // and tail, so a small cache keeps the sidecar's memory modest.
+            .cache_capacity(CACHE_BYTES)
+            .open()
+            .map_err(|source| match &source {
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    LogError::Locked { dir: shown.clone() }
+                }
+                _ => LogError::Open {
+                    dir: shown.clone(),
+                    source,
+                },
+            })?;
         let tree = db.open_tree("log")?;
         Ok(Log { db, tree })
     }

@@ -119,6 +119,7 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
     let position = log.position()?.unwrap_or_default();
     let (durable_tx, durable_rx) = watch::channel(position.commit_lsn);
     let (stop_queues_tx, stop_queues) = watch::channel(false);
+    let (rescan_tx, rescan_rx) = watch::channel(0u64);
     let http = build_client()
         .map_err(|e| RunError::Config(format!("cannot set up the HTTP client: {e}")))?;
     let mut queues = Vec::new();
@@ -128,10 +129,17 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
             http.clone(),
             log.clone(),
             durable_rx.clone(),
+            rescan_rx.clone(),
         );
         queues.push(tokio::spawn(queue.run(stop_queues.clone())));
     }
     let pruner = tokio::spawn(prune(log.clone(), config.retention, stop_queues.clone()));
+    let control = tokio::spawn(crate::control::serve(
+        opts.data_dir.clone(),
+        log.clone(),
+        rescan_tx,
+        stop_queues.clone(),
+    ));
 
     let mut assembler = Assembler::new(&config, &infos, position.commit_lsn);
     let mut stream = Stream {
@@ -154,6 +162,7 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
         }
     }
     pruner.abort();
+    let _ = control.await;
 
     // Make the final acknowledgement certain: the replication session is closed now, so
     // move the slot with SQL.

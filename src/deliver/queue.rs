@@ -15,7 +15,7 @@
 //! With `ordered = true` the window is sorted by commit order and only its head is ever in
 //! flight: a failing head blocks the webhook until it is delivered or parked as dead.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +54,10 @@ pub struct Queue {
     cursor: Option<NotificationKey>,
     /// False once the stream has gone (shutdown): `durable` will not change any more.
     streaming: bool,
+    /// Bumped when notifications behind the cursor became pending again (a redelivery).
+    rescan: watch::Receiver<u64>,
+    /// Keys being attempted right now, so a rescan does not send them twice.
+    in_flight_keys: HashSet<NotificationKey>,
 }
 
 impl Queue {
@@ -62,6 +66,7 @@ impl Queue {
         client: reqwest::Client,
         log: Log,
         durable: watch::Receiver<u64>,
+        rescan: watch::Receiver<u64>,
     ) -> Queue {
         let endpoint = Arc::new(Endpoint::new(
             client,
@@ -78,6 +83,8 @@ impl Queue {
             in_flight: 0,
             cursor: None,
             streaming: true,
+            rescan,
+            in_flight_keys: HashSet::new(),
         }
     }
 
@@ -110,6 +117,13 @@ impl Queue {
                     // until told to stop.
                     self.streaming = changed.is_ok();
                 }
+                // Redelivered notifications: read the log again from the start.
+                changed = self.rescan.changed() => {
+                    if changed.is_ok() {
+                        self.cursor = None;
+                        self.window.clear();
+                    }
+                }
                 // The earliest retry in the window is due.
                 _ = tokio::time::sleep(wake) => {}
                 // Shutdown: stop sending, collect what is in flight.
@@ -140,6 +154,9 @@ impl Queue {
             .pending(&self.webhook.id, self.cursor.as_ref(), up_to, room)?;
         for (key, status) in items {
             self.cursor = Some(key.clone());
+            if self.in_flight_keys.contains(&key) {
+                continue;
+            }
             let slot = self.slot(key, &status);
             self.window.insert(slot, status);
         }
@@ -161,6 +178,7 @@ impl Queue {
                 continue;
             };
             self.in_flight += 1;
+            self.in_flight_keys.insert(key.clone());
             let endpoint = Arc::clone(&self.endpoint);
             let done = done.clone();
             let attempt = status.attempts + 1;
@@ -185,6 +203,7 @@ impl Queue {
 
     fn finish(&mut self, f: Finished) -> Result<(), LogError> {
         self.in_flight -= 1;
+        self.in_flight_keys.remove(&f.key);
         let now = now_ms();
         let after = if f.outcome.is_success() {
             AfterAttempt::Delivered
