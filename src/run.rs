@@ -103,7 +103,7 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
     // Prerequisites, publication and slot. Unreachable or restarting servers are waited
     // for; anything else is a problem for the user to fix.
     let mut backoff = Backoff::new();
-    let (client, infos, confirmed) = loop {
+    let (infos, confirmed) = loop {
         match prepare(&db, &opts, &tables).await {
             Ok(ready) => break ready,
             Err(PrepareError::Definite(e)) => return Err(RunError::Source(e)),
@@ -152,6 +152,26 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
     tracing::info!(slot = %opts.slot, publication = %opts.publication, resume = %confirmed, "streaming");
     let result = stream.run(&mut assembler, &mut stop).await;
 
+    // Make the final acknowledgement certain: the replication session is closed now, so
+    // move the slot with SQL (on a fresh connection: the database may have restarted).
+    if result.is_ok() {
+        let acked = stream.acked;
+        let advanced = tokio::time::timeout(Duration::from_secs(3), async {
+            let client = db.connect().await.ok()?;
+            loop {
+                match source::advance_slot(&client, &opts.slot, acked).await {
+                    Ok(()) => return Some(()),
+                    // The walsender may hold the slot for a moment after the stream ends.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+        .await;
+        if !matches!(advanced, Ok(Some(()))) {
+            tracing::warn!(position = %acked, "could not confirm the final position with SQL; the next start replays from the last acknowledged one (same notification ids)");
+        }
+    }
+
     // Let queues finish attempts in flight (their outcome is recorded), then stop.
     let _ = stop_queues_tx.send(true);
     for queue in queues {
@@ -163,19 +183,8 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
     }
     pruner.abort();
     let _ = control.await;
-
-    // Make the final acknowledgement certain: the replication session is closed now, so
-    // move the slot with SQL.
     if result.is_ok() {
-        let acked = stream.acked;
-        for _ in 0..20 {
-            match source::advance_slot(&client, &opts.slot, acked).await {
-                Ok(()) => break,
-                // The walsender may still hold the slot for a moment after the stream ends.
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-        tracing::info!(acknowledged = %acked, "stopped");
+        tracing::info!(acknowledged = %stream.acked, "stopped");
     }
     result
 }
@@ -215,7 +224,6 @@ impl From<SourceError> for PrepareError {
 }
 
 type Prepared = (
-    tokio_postgres::Client,
     std::collections::BTreeMap<crate::config::TableName, crate::schema::TableInfo>,
     Lsn,
 );
@@ -236,7 +244,7 @@ async fn prepare(
     }
     source::ensure_publication(&client, &opts.publication, tables).await?;
     let confirmed = source::ensure_slot(&client, &opts.slot).await?;
-    Ok((client, infos, confirmed))
+    Ok((infos, confirmed))
 }
 
 /// The streaming side: one replication session after another, until stopped.
