@@ -316,11 +316,20 @@ pub async fn ensure_publication(
         .map(TableName::quoted)
         .collect::<Vec<_>>()
         .join(", ");
+    let partitioned = partitioned_tables(client, tables).await?;
+    // First, because the option decides how pg_publication_tables lists a partitioned
+    // table: itself when on, its partitions when off.
+    publish_via_root(client, name, &partitioned).await?;
     match publication_state(client, name, tables).await? {
         PublicationState::Missing => {
+            let with = if partitioned.is_empty() {
+                ""
+            } else {
+                " WITH (publish_via_partition_root = true)"
+            };
             client
                 .batch_execute(&format!(
-                    "CREATE PUBLICATION {} FOR TABLE {list}; COMMENT ON PUBLICATION {} IS {}",
+                    "CREATE PUBLICATION {} FOR TABLE {list}{with}; COMMENT ON PUBLICATION {} IS {}",
                     quote_ident(name),
                     quote_ident(name),
                     quote_literal(PUBLICATION_COMMENT)
@@ -351,6 +360,71 @@ pub async fn ensure_publication(
             return Err(SourceError::Definite(publication_lacks(name, &missing)));
         }
     }
+    Ok(())
+}
+
+/// The configured tables that are partitioned, quoted. Their rows live in partitions, and a
+/// publication reports the changes under each partition's own name unless
+/// `publish_via_partition_root` is on; walhook matches changes to the configured table by
+/// name, so without the option they would be missed.
+async fn partitioned_tables(
+    client: &tokio_postgres::Client,
+    tables: &[TableName],
+) -> Result<Vec<String>, SourceError> {
+    let mut partitioned = Vec::new();
+    for table in tables {
+        let rows = client
+            .query(
+                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind = 'p'",
+                &[&table.schema, &table.name],
+            )
+            .await?;
+        if !rows.is_empty() {
+            partitioned.push(table.quoted());
+        }
+    }
+    Ok(partitioned)
+}
+
+/// Turns `publish_via_partition_root` on for an existing publication walhook created when
+/// `partitioned` tables are configured; a user's publication without it is an error.
+async fn publish_via_root(
+    client: &tokio_postgres::Client,
+    name: &str,
+    partitioned: &[String],
+) -> Result<(), SourceError> {
+    if partitioned.is_empty() {
+        return Ok(());
+    }
+    let rows = client
+        .query(
+            "SELECT pubviaroot, coalesce(obj_description(oid, 'pg_publication'), '') \
+             FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await?;
+    let Some(row) = rows.first() else {
+        return Ok(());
+    };
+    if row.get::<_, bool>(0) {
+        return Ok(());
+    }
+    let alter = format!(
+        "ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+        quote_ident(name)
+    );
+    if row.get::<_, String>(1) != PUBLICATION_COMMENT {
+        return Err(SourceError::Definite(format!(
+            "publication {name:?} reports changes of the partitioned table(s) {} under each partition's name, which walhook does not match to the configured table; run {alter}",
+            partitioned.join(", ")
+        )));
+    }
+    client.batch_execute(&alter).await?;
+    tracing::info!(
+        publication = name,
+        "set publish_via_partition_root: changes of partitioned tables carry the table's name"
+    );
     Ok(())
 }
 

@@ -36,17 +36,19 @@ impl Scenario {
             .prefix("walhook-test-")
             .tempdir()
             .expect("temp dir");
-        let base = receiver.url("");
-        let text = config
-            .replace("{receiver}", base.trim_end_matches('/'))
-            .replace("{secret}", SECRET);
-        let config = write_config(dir.path(), &text);
+        let config = write_config(dir.path(), &expand(config, &receiver));
         Scenario {
             pg,
             receiver,
             dir,
             config,
         }
+    }
+
+    /// Replaces the config file (placeholders as in [`Scenario::new`]); a running walhook
+    /// reads it when restarted.
+    pub fn rewrite_config(&self, config: &str) {
+        write_config(self.dir.path(), &expand(config, &self.receiver));
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -68,7 +70,15 @@ impl Scenario {
 
     /// Spawns `walhook run` and waits until it streams.
     pub async fn start_walhook(&self) -> Walhook {
-        let walhook = Walhook::spawn(&self.run_args(), &[]);
+        self.start_walhook_with(&[]).await
+    }
+
+    /// Spawns `walhook run` with `extra` arguments appended (e.g. `--publication NAME`) and
+    /// waits until it streams.
+    pub async fn start_walhook_with(&self, extra: &[&str]) -> Walhook {
+        let mut args = self.run_args();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let walhook = Walhook::spawn(&args, &[]);
         walhook.wait_log_contains("streaming", WAIT).await;
         walhook
     }
@@ -100,6 +110,14 @@ impl Scenario {
         let num = |i: usize| row.get::<_, String>(i).parse::<u64>().expect("lsn number");
         (num(0), num(1))
     }
+}
+
+/// `config` with `{receiver}` and `{secret}` filled in.
+fn expand(config: &str, receiver: &Receiver) -> String {
+    let base = receiver.url("");
+    config
+        .replace("{receiver}", base.trim_end_matches('/'))
+        .replace("{secret}", SECRET)
 }
 
 /// True when the request carries a valid Standard Webhooks signature made with [`SECRET`].
