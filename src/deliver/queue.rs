@@ -56,6 +56,9 @@ pub struct Queue {
     streaming: bool,
     /// Bumped when notifications behind the cursor became pending again (a redelivery).
     rescan: watch::Receiver<u64>,
+    /// False once the control socket has gone (it could not bind, or shutdown): `rescan`
+    /// will not change any more, and polling a closed channel would spin.
+    rescanning: bool,
     /// Keys being attempted right now, so a rescan does not send them twice.
     in_flight_keys: HashSet<NotificationKey>,
 }
@@ -84,6 +87,7 @@ impl Queue {
             cursor: None,
             streaming: true,
             rescan,
+            rescanning: true,
             in_flight_keys: HashSet::new(),
         }
     }
@@ -118,8 +122,9 @@ impl Queue {
                     self.streaming = changed.is_ok();
                 }
                 // Redelivered notifications: read the log again from the start.
-                changed = self.rescan.changed() => {
-                    if changed.is_ok() {
+                changed = self.rescan.changed(), if self.rescanning => {
+                    self.rescanning = changed.is_ok();
+                    if self.rescanning {
                         self.cursor = None;
                         self.window.clear();
                     }
