@@ -163,7 +163,11 @@ async fn check_command(args: CheckArgs) -> ExitCode {
         Ok(db) => match db.connect().await {
             Err(e) => problems.push(format!("cannot connect to {}: {e}", db.describe())),
             Ok(client) => {
-                let tables = config.as_ref().map(Config::tables).unwrap_or_default();
+                // An invalid config still names its tables: check them in the same run.
+                let tables = config
+                    .as_ref()
+                    .map(Config::tables)
+                    .unwrap_or_else(|| Config::tables_named_in(&args.config));
                 if let Err(e) =
                     check_database(&client, &tables, args.publication.as_deref(), &mut problems)
                         .await
@@ -218,6 +222,13 @@ async fn deliveries_command(args: DeliveriesArgs) -> ExitCode {
             return fail("redeliver takes either an ID or --dead; e.g. walhook deliveries --data-dir DIR redeliver --dead")
         }
     };
+    // Opening would create an empty log: a mistyped --data-dir must not look like "all clear".
+    if !Log::exists(&args.data_dir) {
+        return fail(&format!(
+            "no delivery log in {}; pass the --data-dir that walhook run uses",
+            args.data_dir.display()
+        ));
+    }
     let result = match Log::open(&args.data_dir) {
         Ok(log) => {
             let result = inspect::execute(&log, &request);

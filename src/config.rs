@@ -30,8 +30,8 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 pub struct Config {
     pub events: Vec<Event>,
     pub webhooks: Vec<Webhook>,
-    /// Delivered notifications (and the attempts of any notification) older than this are
-    /// pruned.
+    /// Delivered notifications, with their attempts, are pruned this long after delivery.
+    /// Pending and dead ones are kept.
     pub retention: Duration,
 }
 
@@ -235,6 +235,26 @@ impl Config {
     /// The tables the events read, each once, in a stable order.
     pub fn tables(&self) -> Vec<TableName> {
         let mut tables: Vec<TableName> = self.events.iter().map(|e| e.table.clone()).collect();
+        tables.sort();
+        tables.dedup();
+        tables
+    }
+
+    /// The tables the events of a config file name, read even when the file is otherwise
+    /// invalid, so that `check` can check them in the same run. Empty when the file is not
+    /// even well-formed TOML of the right shape.
+    pub fn tables_named_in(path: &Path) -> Vec<TableName> {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Vec::new();
+        };
+        let Ok(raw) = toml::from_str::<RawConfig>(&text) else {
+            return Vec::new();
+        };
+        let mut tables: Vec<TableName> = raw
+            .events
+            .iter()
+            .filter_map(|e| TableName::parse(&e.table))
+            .collect();
         tables.sort();
         tables.dedup();
         tables

@@ -187,6 +187,11 @@ pub struct Log {
 }
 
 impl Log {
+    /// Whether `dir` holds a log.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join("log").exists()
+    }
+
     /// Opens (or creates) the log in `dir`.
     pub fn open(dir: &Path) -> Result<Log, LogError> {
         let shown = dir.display().to_string();

@@ -16,6 +16,9 @@ const JITTER: f64 = 0.2;
 
 /// A `Retry-After: 0` (or a date in the past) must not turn into a tight retry loop.
 const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// A Retry-After is honoured up to this long, or up to the schedule's largest delay if that
+/// is longer: an endpoint cannot park a notification indefinitely.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// Delays after each failed attempt; attempt 1 is immediate. Default: 5s, 5m, 30m, 2h, 5h, 10h,
 /// 14h, 20h, 24h (so 10 attempts in all).
@@ -67,9 +70,9 @@ impl RetrySchedule {
     /// which is immediate.
     ///
     /// `retry_after` (from a 429/503) replaces the scheduled delay, clamped to
-    /// [1 s, largest delay of the schedule], and is not jittered: the endpoint asked for a time,
-    /// and jitter could make us come back before it. If the schedule's largest delay is under
-    /// 1 s, the schedule wins. An empty schedule means no retries, whatever `retry_after` says.
+    /// [1 s, the larger of 1 h and the schedule's largest delay], and is not jittered: the
+    /// endpoint asked for a time, and jitter could make us come back before it. An empty
+    /// schedule means no retries, whatever `retry_after` says.
     pub fn next_delay(
         &self,
         failed_attempts: u32,
@@ -83,7 +86,11 @@ impl RetrySchedule {
             Some(requested) => {
                 // The schedule is not empty here, so there is a largest delay.
                 let longest = self.delays.iter().max().copied().unwrap_or(scheduled);
-                Some(requested.max(MIN_RETRY_AFTER).min(longest))
+                Some(
+                    requested
+                        .max(MIN_RETRY_AFTER)
+                        .min(longest.max(MAX_RETRY_AFTER)),
+                )
             }
             None => Some(jittered(scheduled)),
         }
@@ -202,19 +209,19 @@ mod tests {
             schedule.next_delay(1, Some(Duration::from_millis(10))),
             Some(secs(1))
         );
-        // The ceiling is the largest delay, not the current or the last one.
+        // The ceiling is the larger of an hour and the largest delay.
         assert_eq!(schedule.next_delay(1, Some(secs(86_400))), Some(secs(3600)));
         assert_eq!(
             schedule.next_delay(3, Some(Duration::MAX)),
             Some(secs(3600))
         );
+        let long = RetrySchedule::new(vec![secs(10), secs(7200)]);
+        assert_eq!(long.next_delay(1, Some(secs(86_400))), Some(secs(7200)));
 
-        // A sub-second schedule (tests, benches) keeps its ceiling rather than the 1 s floor.
+        // A short schedule still honours what the endpoint asked for, up to an hour.
         let fast = RetrySchedule::new(vec![Duration::from_millis(50)]);
-        assert_eq!(
-            fast.next_delay(1, Some(secs(30))),
-            Some(Duration::from_millis(50))
-        );
+        assert_eq!(fast.next_delay(1, Some(secs(30))), Some(secs(30)));
+        assert_eq!(fast.next_delay(1, Some(secs(7200))), Some(secs(3600)));
     }
 
     #[test]
