@@ -110,6 +110,12 @@ impl PgCluster {
         self.dir.path().join("data")
     }
 
+    /// A program of the installation this cluster runs, e.g. `pgbench` or `pg_recvlogical`
+    /// (client programs may run as any user: they connect over TCP with [`url`](Self::url)).
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.install.bindir.join(name)
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("postgres.log")
     }
