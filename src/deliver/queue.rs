@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Webhook;
 use crate::deliver::http::{Endpoint, Outcome};
-use crate::log::{now_ms, AfterAttempt, Attempt, Log, LogError, NotificationKey, Status};
+use crate::log::{now_ms, AfterAttempt, Attempt, Log, LogError, NotificationKey, Position, Status};
 
 /// How many notifications one webhook keeps in memory at most, besides those in flight.
 const MIN_WINDOW: usize = 256;
@@ -45,9 +45,9 @@ pub struct Queue {
     webhook: Webhook,
     endpoint: Arc<Endpoint>,
     log: Log,
-    /// Commit LSN of the last transaction flushed to the log: nothing later is delivered, so
+    /// The last transaction flushed to the log: nothing later is delivered, so
     /// a receiver never sees a notification the log could lose.
-    durable: watch::Receiver<u64>,
+    durable: watch::Receiver<Position>,
     window: BTreeMap<Slot, Status>,
     in_flight: usize,
     /// The last key read from the log; the next refill reads after it.
@@ -68,7 +68,7 @@ impl Queue {
         webhook: Webhook,
         client: reqwest::Client,
         log: Log,
-        durable: watch::Receiver<u64>,
+        durable: watch::Receiver<Position>,
         rescan: watch::Receiver<u64>,
     ) -> Queue {
         let endpoint = Arc::new(Endpoint::new(
@@ -153,7 +153,7 @@ impl Queue {
         if room < self.capacity() / 2 {
             return Ok(());
         }
-        let up_to = *self.durable.borrow();
+        let up_to = self.durable.borrow().commit_lsn;
         let items = self
             .log
             .pending(&self.webhook.id, self.cursor.as_ref(), up_to, room)?;
