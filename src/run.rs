@@ -403,7 +403,7 @@ impl Stream<'_> {
         if matches!(end, SessionEnd::Stopped) {
             // Give the worker one status interval to report the final position; the slot is
             // also advanced with SQL afterwards.
-            tokio::time::sleep(Duration::from_millis(600)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
         Ok(end)

@@ -189,9 +189,10 @@ impl Database {
         .with_port(self.port())
         .with_start_lsn(start)
         .with_ack_lsn(start)
-        // Acknowledgements reach the server within this interval of a flush, and an idle
-        // stream is woken this often to report progress.
-        .with_status_interval(Duration::from_millis(500))
+        // Acknowledgements reach the server within this interval of a flush (a status
+        // message is a few dozen bytes: ten a second cost nothing, and keep the slot close
+        // behind the log).
+        .with_status_interval(Duration::from_millis(100))
         .with_wakeup_interval(Duration::from_secs(5))
         .with_buffer_size(16_384)
         .with_application_name("walhook")
