@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::classify;
 use crate::config::Config;
 use crate::control;
 use crate::inspect::{self, Request};
@@ -152,12 +153,11 @@ async fn check_command(args: CheckArgs) -> ExitCode {
             None
         }
     };
-    if let Some(dir) = &args.classifications {
-        problems.push(format!(
-            "--classifications {}: classification events are not implemented in this version of walhook; remove the flag",
-            dir.display()
-        ));
-    }
+    let classifications = args.classifications.as_ref().map(|dir| {
+        let (found, file_problems) = classify::load_dir(dir);
+        problems.extend(file_problems);
+        (dir, found)
+    });
     match Database::parse(&args.database_url) {
         Err(e) => problems.push(e.to_string()),
         Ok(db) => match db.connect().await {
@@ -174,8 +174,22 @@ async fn check_command(args: CheckArgs) -> ExitCode {
                 {
                     problems.push(format!("checking {}: {e}", db.describe()));
                 }
+                if let Some((_, found)) = &classifications {
+                    match classify::validate(&client, found).await {
+                        Ok(p) => problems.extend(p),
+                        Err(e) => problems.push(format!("checking classifications: {e}")),
+                    }
+                }
             }
         },
+    }
+    if let Some((dir, found)) = &classifications {
+        // The files are checked so they are ready, but `run` cannot evaluate them yet.
+        problems.push(format!(
+            "--classifications {}: {} classification file(s) read, but this version of walhook cannot evaluate classifications yet (walhook run refuses the flag); remove it to run",
+            dir.display(),
+            found.len()
+        ));
     }
     if problems.is_empty() {
         println!("ok: config and database are ready for walhook run");

@@ -5,6 +5,7 @@
 //! [`derive`] notification → [`log`] entry (sled) → [`deliver`] HTTP attempt. [`run`]
 //! wires them together; [`source`] talks to PostgreSQL; [`cli`] is the command line.
 
+pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod control;

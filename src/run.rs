@@ -11,11 +11,9 @@
 //!
 //! Group commit: the stream task appends each committed transaction to sled without waiting;
 //! the flusher task flushes whatever has been appended, then publishes the position it
-//! covered. Only then is the slot acknowledged and are the notifications delivered. Flushes
-//! are at least `GROUP_COMMIT_WINDOW` apart while transactions keep coming (the first one
-//! after a quiet spell is flushed at once): in sled 0.34 a flush holds a lock that
-//! `apply_batch` waits for, so back-to-back flushes would let only one transaction in
-//! between them. Transactions appended during the window share the next flush.
+//! covered. Only then is the slot acknowledged and are the notifications delivered. The next
+//! flush covers everything appended meanwhile (sled 0.34's `apply_batch` waits while a flush
+//! writes, so appends pile up in the replication client's buffer, not in the log).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -417,11 +415,6 @@ impl Stream<'_> {
     }
 }
 
-/// The shortest time between the starts of two flushes while transactions keep coming
-/// (DESIGN.md: group commit "every few milliseconds"). It bounds what group commit adds to
-/// the commit → delivery latency.
-const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(2);
-
 /// Flushes the log whenever transactions were appended, then publishes the commit LSN the
 /// flush covered. Ends (after a last flush) when the session drops `applied`.
 async fn flush_loop(
@@ -430,18 +423,10 @@ async fn flush_loop(
     durable: watch::Sender<Position>,
 ) -> Result<(), LogError> {
     let mut flushed: Option<Position> = None;
-    let mut last_flush: Option<tokio::time::Instant> = None;
     loop {
         let closed = applied.changed().await.is_err();
-        if !closed {
-            if let Some(started) = last_flush {
-                // Let the transactions arriving meanwhile join this flush.
-                tokio::time::sleep_until(started + GROUP_COMMIT_WINDOW).await;
-            }
-        }
         let target = *applied.borrow_and_update();
         if target != flushed {
-            last_flush = Some(tokio::time::Instant::now());
             log.flush().await?;
             if let Some(pos) = target {
                 durable.send_replace(pos);
