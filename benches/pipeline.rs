@@ -2,34 +2,48 @@
 //! throwaway PostgreSQL cluster, in one run.
 //!
 //! ```sh
-//! cargo bench --bench pipeline                    # builds the release lib, bin and bench
-//! PIPELINE_ROWS=200000 cargo bench --bench pipeline   # a smaller large transaction
-//! cargo bench --bench pipeline -- --rows 200000 --small-txns 5000 --rate 500 --seconds 10
+//! cargo bench --bench pipeline          # builds lib, bin and bench (release settings), runs
+//! cargo bench --bench pipeline -- --rows 200000 --small-txns 5000 --pairs 1 --seconds 5
+//! PIPELINE_ROWS=200000 cargo bench --bench pipeline     # the same settings by environment
 //! ```
 //!
-//! `cargo bench` builds the `walhook` binary in the bench profile (release settings) because
-//! a bench target of the package is selected; the bench runs it from `CARGO_BIN_EXE_walhook`
-//! (`target/release/walhook`) and stops with a clear message when it is missing.
+//! Settings (argument / environment / default): `--rows` `PIPELINE_ROWS` 1000000,
+//! `--small-txns` `PIPELINE_SMALL_TXNS` 20000, `--rate` `PIPELINE_RATE` 500 (tx/s),
+//! `--seconds` `PIPELINE_SECONDS` 10, `--max-rows` `PIPELINE_MAX_ROWS` 1000 (the webhook's
+//! `max_rows`), `--pairs` `PIPELINE_PAIRS` 2.
 //!
-//! What it measures, all against the same cluster (the test harness's: `wal_level=logical`,
-//! **`fsync=off`**, 127.0.0.1, random port):
+//! `cargo bench` also builds the `walhook` binary (a bench target is selected, so cargo builds
+//! the package's binaries with the bench profile, i.e. release settings, into
+//! `target/release/walhook`); the bench runs it from `CARGO_BIN_EXE_walhook` and stops with a
+//! clear message if it is missing (then: `cargo build --release --bin walhook`).
 //!
-//! 1. **Large transaction**: two pgoutput slots made beforehand, then ONE transaction inserting
-//!    `rows` rows. `pg_recvlogical --start -E <end> -f /dev/null` on the first slot is timed
-//!    from spawn to exit; then `walhook run` on the second slot from spawn until the slot's
-//!    `confirmed_flush_lsn` reaches the end (polled every 10 ms). Peak RSS is walhook's VmHWM.
+//! What it measures, all against the same cluster (the test harness's settings:
+//! `wal_level=logical`, **`fsync=off`**, 127.0.0.1, random port):
+//!
+//! 1. **Large transaction**: a table `bench (id bigint primary key, payload text)`, a
+//!    publication, one pair of pgoutput slots per comparison made beforehand, then ONE
+//!    transaction inserting `rows` rows. `pg_recvlogical --start -E <end> -o proto_version=1
+//!    -f /dev/null --no-loop` is timed from spawn to exit; `walhook run` (one insert event, one
+//!    webhook to a local receiver answering 200 at once) from spawn until its slot's
+//!    `confirmed_flush_lsn` reaches the end (polled every 10 ms). `<end>` is
+//!    `pg_current_wal_lsn()` right after the commit. Peak RSS is walhook's VmHWM.
 //! 2. **Many small transactions**: the same with `small_txns` one-row transactions from
-//!    `pgbench -n -t N -c 1`.
-//! 3. **Latency**: walhook running and caught up, `pgbench -R rate -T seconds` one-row
-//!    inserts; latency = arrival at the receiver − the body's `committed_at`.
+//!    `pgbench -n -c 1 -t N`.
+//!
+//!    Each comparison runs `pairs` times back to back, alternating which side goes first;
+//!    the ratio is walhook's rows/s over pg_recvlogical's, from each side's total time.
+//! 3. **Latency**: after `VACUUM ANALYZE` and `CHECKPOINT` (so that the earlier phases'
+//!    aftermath does not run meanwhile), walhook on a fresh slot, caught up; `pgbench -R rate
+//!    -T seconds -c 2` one-row inserts; latency = arrival at the receiver (head received) −
+//!    the body's `committed_at` (same machine clock).
 //!
 //! Results are printed as a table and written to `target/bench-pipeline.json`.
 //!
-//! Caveats printed with the results: walhook reports its flush position to the server at most
-//! every 500 ms (the replication client's status interval), so the `confirmed_flush_lsn` clock
-//! includes up to 500 ms after walhook made the work durable; the bench also reports when the
-//! last notification arrived, which happens only after the sled flush. The receiver runs in
-//! this process and shares the machine's cores with walhook and PostgreSQL.
+//! Caveats, also printed: the `confirmed_flush_lsn` clock includes walhook's replication
+//! status interval (it reports a flushed position at most that often, see `src/source.rs`);
+//! notifications are delivered only after the sled flush, so "all delivered" bounds the time
+//! to durable from above. The receiver runs in this process, and the machine's cores are
+//! shared with PostgreSQL (and whatever else runs): compare ratios, not absolute times.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -214,7 +228,7 @@ async fn bench(settings: Settings, bin: PathBuf) {
         "postgres": {
             "version": server_version,
             "fsync": fsync,
-            "note": "throwaway cluster with the test harness's settings (fsync=off, wal_level=logical); walhook's own sled flushes do fsync",
+            "note": "throwaway cluster with the test harness settings (fsync=off, wal_level=logical); walhook still syncs its sled log to disk",
         },
         "settings": {
             "rows": b.settings.rows,
@@ -295,6 +309,10 @@ impl Bench {
     async fn latency(&self) -> Value {
         let s = &self.settings;
         let slot = "walhook_latency";
+        // Settle what the throughput phases left behind (autovacuum of a million fresh rows,
+        // a checkpoint) so that it does not run during the measurement.
+        self.pg.exec("VACUUM ANALYZE bench").await;
+        self.pg.exec("CHECKPOINT").await;
         self.create_slot(slot).await;
         let receiver = Receiver::start().await;
         let (mut walhook, _) = self.spawn_walhook(slot, &receiver);

@@ -15,7 +15,7 @@ use crate::run::{run, RunOptions};
 use crate::schema::describe_tables;
 use crate::source::{self, Database, PublicationState};
 
-#[derive(Parser, Debug)]
+#[derive(Parser)]
 #[command(
     name = "walhook",
     version,
@@ -26,7 +26,7 @@ pub struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 enum Command {
     /// Stream changes and deliver webhooks until SIGTERM or SIGINT.
     Run(RunArgs),
@@ -37,7 +37,7 @@ enum Command {
     Deliveries(DeliveriesArgs),
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args)]
 struct RunArgs {
     /// PostgreSQL connection URL, e.g. postgresql://walhook:secret@127.0.0.1:5432/app
     #[arg(long, env = "WALHOOK_DATABASE_URL", hide_env_values = true)]
@@ -59,7 +59,7 @@ struct RunArgs {
     classifications: Option<PathBuf>,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args)]
 struct CheckArgs {
     /// PostgreSQL connection URL.
     #[arg(long, env = "WALHOOK_DATABASE_URL", hide_env_values = true)]
@@ -75,7 +75,7 @@ struct CheckArgs {
     classifications: Option<PathBuf>,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args)]
 struct DeliveriesArgs {
     /// Directory of the durable delivery log.
     #[arg(long, env = "WALHOOK_DATA_DIR")]
@@ -84,7 +84,7 @@ struct DeliveriesArgs {
     action: DeliveriesAction,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 enum DeliveriesAction {
     /// Pending and dead notifications with their attempts.
     List,
@@ -257,7 +257,22 @@ async fn deliveries_command(args: DeliveriesArgs) -> ExitCode {
             match control::request(&args.data_dir, &request).await {
                 Ok(response) if response.ok => Ok(response.output),
                 Ok(response) => Err(response.output),
-                Err(_) => Err(locked.to_string()),
+                // No socket (or a path too long for one), or nobody behind it: the dir is
+                // held some other way.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound
+                            | std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::InvalidInput
+                    ) =>
+                {
+                    Err(locked.to_string())
+                }
+                Err(e) => Err(format!(
+                    "asking the running walhook through {}: {e}",
+                    control::socket_path(&args.data_dir).display()
+                )),
             }
         }
         Err(e) => Err(e.to_string()),

@@ -17,6 +17,9 @@ use crate::inspect::{self, Request};
 use crate::log::Log;
 use crate::shutdown::{requested, Stop};
 
+/// How long one connection may take, request and answer.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A request line is small; anything longer is not ours.
 const MAX_LINE: u64 = 64 * 1024;
 
@@ -49,10 +52,22 @@ pub async fn serve(data_dir: PathBuf, log: Log, rescan: watch::Sender<u64>, mut 
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                // Each connection on its own task, with a deadline: a client that connects
+                // and says nothing must not hold up other clients or shutdown.
                 Ok((stream, _)) => {
-                    if let Err(e) = answer(stream, &log, &rescan).await {
-                        tracing::debug!(error = %e, "control connection failed");
-                    }
+                    let (log, rescan) = (log.clone(), rescan.clone());
+                    tokio::spawn(async move {
+                        let answered = tokio::time::timeout(
+                            ANSWER_WITHIN,
+                            answer(stream, &log, &rescan),
+                        )
+                        .await;
+                        match answered {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::debug!(error = %e, "control connection failed"),
+                            Err(_) => tracing::debug!("control connection timed out"),
+                        }
+                    });
                 }
                 Err(e) => tracing::warn!(error = %e, "control socket accept failed"),
             },
@@ -76,7 +91,13 @@ async fn answer(stream: UnixStream, log: &Log, rescan: &watch::Sender<u64>) -> s
             output: format!("control socket: malformed request ({e})"),
         },
         Ok(request) => {
-            let result = inspect::execute(log, &request);
+            // Listing a large log scans it: keep that off the runtime's threads.
+            let result = {
+                let (log, request) = (log.clone(), request.clone());
+                tokio::task::spawn_blocking(move || inspect::execute(&log, &request))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("control request failed: {e}")))
+            };
             if result.is_ok() && request.queues_work() {
                 // Durable before we say so, then let the queues pick the work up.
                 if let Err(e) = log.flush().await {

@@ -55,13 +55,17 @@ fn timestamp(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// `list` shows this many notifications at most (the oldest), then how many more there are.
+const LIST_LIMIT: usize = 1000;
+
 fn list(log: &Log) -> Result<String, String> {
-    let entries = log.undelivered().map_err(|e| e.to_string())?;
-    if entries.is_empty() {
+    let page = log.undelivered(LIST_LIMIT).map_err(|e| e.to_string())?;
+    if page.total == 0 {
         return Ok("no pending or dead notifications".into());
     }
-    let mut out = Vec::with_capacity(entries.len());
-    for (key, status) in entries {
+    let (total, dead) = (page.total, page.dead);
+    let mut out = Vec::with_capacity(page.items.len() + 1);
+    for (key, status) in page.items {
         let state = if status.dead { "dead" } else { "pending" };
         let last = log
             .detail(&key)
@@ -81,6 +85,13 @@ fn list(log: &Log) -> Result<String, String> {
         out.push(format!(
             "{key}\t{state}\tattempts={}\tnext={next}\tlast={last}",
             status.attempts
+        ));
+    }
+    if total > LIST_LIMIT {
+        out.push(format!(
+            "... {} more not shown ({total} in all: {} pending, {dead} dead); `show ID` gives any one",
+            total - LIST_LIMIT,
+            total - dead
         ));
     }
     Ok(out.join("\n"))

@@ -21,6 +21,7 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,7 @@ const PENDING: u8 = b'p';
 const DELIVERED: u8 = b'd';
 const ATTEMPT: u8 = b'a';
 const POSITION: &[u8] = b"mposition";
+const ORIGIN: &[u8] = b"morigin";
 /// sled's page cache.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -44,6 +46,8 @@ pub enum LogError {
     Open { dir: String, source: sled::Error },
     #[error("delivery log: {0}")]
     Sled(#[from] sled::Error),
+    #[error("delivery log: cannot sync to disk: {0}")]
+    Sync(std::io::Error),
     #[error("delivery log holds a corrupt entry under key {key}: {reason}")]
     Corrupt { key: String, reason: String },
 }
@@ -184,6 +188,8 @@ pub struct NewNotification {
 pub struct Log {
     db: sled::Db,
     tree: sled::Tree,
+    /// sled's log file, synced after every flush.
+    file: Arc<std::fs::File>,
 }
 
 impl Log {
@@ -200,6 +206,9 @@ impl Log {
             // sled caches up to 1 GiB by default; the log is read mostly at its head
             // and tail, so a small cache keeps the sidecar's memory modest.
             .cache_capacity(CACHE_BYTES)
+            // Values larger than an eighth of a segment go to blob files, which sled does
+            // not sync; 8 MiB segments keep every notification inline.
+            .segment_size(8 * 1024 * 1024)
             .open()
             .map_err(|source| match &source {
                 sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
@@ -211,7 +220,16 @@ impl Log {
                 },
             })?;
         let tree = db.open_tree("log")?;
-        Ok(Log { db, tree })
+        let file =
+            std::fs::File::open(dir.join("log").join("db")).map_err(|source| LogError::Open {
+                dir: shown.clone(),
+                source: sled::Error::Io(source),
+            })?;
+        Ok(Log {
+            db,
+            tree,
+            file: Arc::new(file),
+        })
     }
 
     /// The last transaction the log holds completely, if any.
@@ -291,6 +309,27 @@ impl Log {
     /// Makes everything written so far durable (one fsync for all of it: group commit).
     pub async fn flush(&self) -> Result<(), LogError> {
         self.db.flush_async().await?;
+        // sled 0.34 writes its log with sync_file_range, which neither flushes the drive's
+        // cache nor the file's size: fdatasync the log file so a power loss keeps it too.
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(|e| LogError::Sync(std::io::Error::other(e)))?
+            .map_err(LogError::Sync)?;
+        Ok(())
+    }
+
+    /// The database and slot this log was written from, if recorded.
+    pub fn origin(&self) -> Result<Option<Origin>, LogError> {
+        match self.tree.get(ORIGIN)? {
+            None => Ok(None),
+            Some(bytes) => decode_json(ORIGIN, &bytes).map(Some),
+        }
+    }
+
+    /// Records the database and slot this log is written from.
+    pub fn set_origin(&self, origin: &Origin) -> Result<(), LogError> {
+        self.tree.insert(ORIGIN, encode_json(origin))?;
         Ok(())
     }
 
@@ -302,7 +341,7 @@ impl Log {
         after: Option<&NotificationKey>,
         up_to_lsn: u64,
         limit: usize,
-    ) -> Result<Vec<(NotificationKey, Status)>, LogError> {
+    ) -> Result<Pending, LogError> {
         let start = match after {
             Some(key) => {
                 let mut k = key.encode(PENDING);
@@ -317,15 +356,18 @@ impl Log {
             ordinal: u32::MAX,
         }
         .encode(PENDING);
-        let mut out = Vec::new();
+        let mut out = Pending::default();
         for entry in self.tree.range(start..=end) {
             let (key, value) = entry?;
             let status: Status = decode_json(&key, &value)?;
+            let nkey = decode_key(&key)?;
+            // Dead entries move the scan on too, so they are not read again on every pass.
+            out.scanned_to = Some(nkey.clone());
             if status.dead {
                 continue;
             }
-            out.push((decode_key(&key)?, status));
-            if out.len() >= limit {
+            out.items.push((nkey, status));
+            if out.items.len() >= limit {
                 break;
             }
         }
@@ -378,12 +420,20 @@ impl Log {
         Ok(())
     }
 
-    /// Every pending and dead notification, in key order.
-    pub fn undelivered(&self) -> Result<Vec<(NotificationKey, Status)>, LogError> {
-        let mut out = Vec::new();
+    /// The first `limit` pending and dead notifications, in key order, and how many there
+    /// are in all.
+    pub fn undelivered(&self, limit: usize) -> Result<Undelivered, LogError> {
+        let mut out = Undelivered::default();
         for entry in self.tree.scan_prefix([PENDING]) {
             let (key, value) = entry?;
-            out.push((decode_key(&key)?, decode_json(&key, &value)?));
+            let status: Status = decode_json(&key, &value)?;
+            out.total += 1;
+            if status.dead {
+                out.dead += 1;
+            }
+            if out.items.len() < limit {
+                out.items.push((decode_key(&key)?, status));
+            }
         }
         Ok(out)
     }
@@ -450,12 +500,14 @@ impl Log {
 
     /// Redelivers every dead notification; returns how many.
     pub fn redeliver_dead(&self, now_ms: u64) -> Result<usize, LogError> {
-        let dead: Vec<NotificationKey> = self
-            .undelivered()?
-            .into_iter()
-            .filter(|(_, s)| s.dead)
-            .map(|(k, _)| k)
-            .collect();
+        let mut dead = Vec::new();
+        for entry in self.tree.scan_prefix([PENDING]) {
+            let (key, value) = entry?;
+            let status: Status = decode_json(&key, &value)?;
+            if status.dead {
+                dead.push(decode_key(&key)?);
+            }
+        }
         for key in &dead {
             self.redeliver(key, now_ms)?;
         }
@@ -509,6 +561,31 @@ impl Log {
         }
         Ok(counts)
     }
+}
+
+/// Undelivered notifications: the first ones, and counts of all.
+#[derive(Debug, Default)]
+pub struct Undelivered {
+    pub items: Vec<(NotificationKey, Status)>,
+    pub total: usize,
+    pub dead: usize,
+}
+
+/// A page of pending notifications, and the last key the scan looked at (dead entries
+/// included): the next page starts after it.
+#[derive(Debug, Default)]
+pub struct Pending {
+    pub items: Vec<(NotificationKey, Status)>,
+    pub scanned_to: Option<NotificationKey>,
+}
+
+/// Which database and slot a log belongs to: its keys are positions in that database's WAL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// `pg_control_system()`'s system identifier, when the role may read it.
+    pub system_identifier: Option<String>,
+    pub database: String,
+    pub slot: String,
 }
 
 /// How many entries of each kind the log holds.
@@ -624,18 +701,28 @@ mod tests {
         let keys = |v: Vec<(NotificationKey, Status)>| -> Vec<String> {
             v.into_iter().map(|(k, _)| k.to_string()).collect()
         };
-        let visible = log.pending("a", None, 10, 100).expect("pending");
+        let visible = log.pending("a", None, 10, 100).expect("pending").items;
         assert_eq!(
             keys(visible),
             vec!["a_000000000000000A_0", "a_000000000000000A_1"]
         );
-        let all = log.pending("a", None, u64::MAX, 100).expect("pending");
+        let all = log
+            .pending("a", None, u64::MAX, 100)
+            .expect("pending")
+            .items;
         assert_eq!(all.len(), 3);
         let after = log
             .pending("a", Some(&key("a", 10, 0)), u64::MAX, 1)
-            .expect("pending");
+            .expect("pending")
+            .items;
         assert_eq!(keys(after), vec!["a_000000000000000A_1"]);
-        assert_eq!(log.pending("b", None, u64::MAX, 100).expect("b").len(), 1);
+        assert_eq!(
+            log.pending("b", None, u64::MAX, 100)
+                .expect("b")
+                .items
+                .len(),
+            1
+        );
     }
 
     #[test]
@@ -662,16 +749,23 @@ mod tests {
         assert_eq!(d0.attempts.len(), 2);
         let d1 = log.detail(&k1).expect("detail").expect("exists");
         assert!(matches!(d1.state, State::Dead(ref s) if s.attempts == 1 && s.round_failures == 1));
-        assert!(log.pending("h", None, u64::MAX, 10).expect("p").is_empty());
+        assert!(log
+            .pending("h", None, u64::MAX, 10)
+            .expect("p")
+            .items
+            .is_empty());
 
         assert_eq!(log.redeliver_dead(50).expect("redeliver"), 1);
-        let again = log.pending("h", None, u64::MAX, 10).expect("p");
+        let again = log.pending("h", None, u64::MAX, 10).expect("p").items;
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].1.round_failures, 0);
         assert_eq!(again[0].1.attempts, 1, "attempt numbering continues");
 
         assert!(log.redeliver(&k0, 60).expect("redeliver delivered"));
-        assert_eq!(log.pending("h", None, u64::MAX, 10).expect("p").len(), 2);
+        assert_eq!(
+            log.pending("h", None, u64::MAX, 10).expect("p").items.len(),
+            2
+        );
         assert!(!log.redeliver(&key("h", 9, 9), 60).expect("missing"));
     }
 

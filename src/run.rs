@@ -24,14 +24,14 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::deliver::http::build_client;
 use crate::deliver::queue::Queue;
-use crate::log::{now_ms, Log, LogError, Position};
+use crate::log::{now_ms, Log, LogError, Origin, Position};
 use crate::schema::describe_tables;
 use crate::shutdown::{requested, Stop};
 use crate::source::{self, Database, SourceError};
 use crate::txn::{Assembler, TxnError};
 
 /// What `walhook run` needs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RunOptions {
     pub database_url: String,
     pub slot: String,
@@ -39,6 +39,20 @@ pub struct RunOptions {
     pub data_dir: PathBuf,
     pub config: PathBuf,
     pub classifications: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for RunOptions {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("database_url", &"<redacted>")
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("data_dir", &self.data_dir)
+            .field("config", &self.config)
+            .field("classifications", &self.classifications)
+            .finish()
+    }
 }
 
 /// Why `run` stopped with an error. Every variant is definite: transient faults are retried
@@ -105,7 +119,7 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
     // for; anything else is a problem for the user to fix.
     let mut backoff = Backoff::new();
     let (infos, confirmed) = loop {
-        match prepare(&db, &opts, &tables).await {
+        match prepare(&db, &opts, &tables, &log).await {
             Ok(ready) => break ready,
             Err(PrepareError::Definite(e)) => return Err(RunError::Source(e)),
             Err(PrepareError::Transient(e)) => {
@@ -176,10 +190,8 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
     // Let queues finish attempts in flight (their outcome is recorded), then stop.
     let _ = stop_queues_tx.send(true);
     for queue in queues {
-        match queue.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "delivery queue failed"),
-            Err(e) => tracing::error!(error = %e, "delivery queue panicked"),
-            Ok(Ok(())) => {}
+        if let Err(e) = queue.await {
+            tracing::error!(error = %e, "delivery queue panicked");
         }
     }
     pruner.abort();
@@ -233,6 +245,7 @@ async fn prepare(
     db: &Database,
     opts: &RunOptions,
     tables: &[crate::config::TableName],
+    log: &Log,
 ) -> Result<Prepared, PrepareError> {
     let client = db.connect().await?;
     let mut problems = source::check_server(&client).await?;
@@ -243,9 +256,68 @@ async fn prepare(
     if !problems.is_empty() {
         return Err(PrepareError::Definite(problems.join("\n")));
     }
+    let (system_identifier, database) = source::identify(&client).await?;
+    let origin = Origin {
+        system_identifier,
+        database,
+        slot: opts.slot.clone(),
+    };
+    check_origin(log, &origin, &opts.data_dir).map_err(PrepareError::Definite)?;
     source::ensure_publication(&client, &opts.publication, tables).await?;
-    let confirmed = source::ensure_slot(&client, &opts.slot).await?;
+    let (confirmed, created) = source::ensure_slot(&client, &opts.slot).await?;
+    if let Some(position) = log
+        .position()
+        .map_err(|e| PrepareError::Definite(e.to_string()))?
+    {
+        if created && position.commit_lsn > confirmed.0 {
+            return Err(PrepareError::Definite(format!(
+                "slot {:?} was just created at {confirmed}, but --data-dir {} already holds transactions up to {}: this database's WAL is behind the log's (a restored or replaced cluster?), so its notification ids would collide; use a new --data-dir",
+                opts.slot,
+                opts.data_dir.display(),
+                Lsn(position.commit_lsn)
+            )));
+        }
+        if created {
+            tracing::warn!(slot = %opts.slot, "the slot was missing and has been created anew: changes made while it did not exist were not streamed");
+        }
+    }
+    if log.origin().ok().flatten().is_none() {
+        log.set_origin(&origin)
+            .map_err(|e| PrepareError::Definite(e.to_string()))?;
+    }
     Ok((infos, confirmed))
+}
+
+/// Notification ids are WAL positions of one database: a data dir serves one database for
+/// its whole life.
+fn check_origin(log: &Log, origin: &Origin, data_dir: &std::path::Path) -> Result<(), String> {
+    let Some(stored) = log.origin().map_err(|e| e.to_string())? else {
+        return Ok(());
+    };
+    let other_system = matches!(
+        (&stored.system_identifier, &origin.system_identifier),
+        (Some(a), Some(b)) if a != b
+    );
+    // Another slot on the same database streams the same WAL, so ids stay consistent.
+    if other_system || stored.database != origin.database {
+        let describe = |o: &Origin| {
+            format!(
+                "database {:?}{}",
+                o.database,
+                o.system_identifier
+                    .as_ref()
+                    .map(|s| format!(" (system {s})"))
+                    .unwrap_or_default()
+            )
+        };
+        return Err(format!(
+            "--data-dir {} holds the delivery log of {}, but this run streams {}; one data dir serves one database (its notification ids are that database's WAL positions): use another --data-dir",
+            data_dir.display(),
+            describe(&stored),
+            describe(origin)
+        ));
+    }
+    Ok(())
 }
 
 /// The streaming side: one replication session after another, until stopped.
@@ -443,7 +515,12 @@ async fn flush_loop(
 async fn prune(log: Log, retention: Duration, mut stop: Stop) {
     loop {
         let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
-        match log.prune_delivered(cutoff) {
+        // A scan of every delivered entry: off the runtime's threads.
+        let pruning = log.clone();
+        let pruned = tokio::task::spawn_blocking(move || pruning.prune_delivered(cutoff))
+            .await
+            .unwrap_or(Ok(0));
+        match pruned {
             Ok(0) => {}
             Ok(n) => tracing::info!(pruned = n, "pruned delivered notifications past retention"),
             Err(e) => tracing::warn!(error = %e, "pruning the delivery log failed"),

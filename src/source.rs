@@ -113,6 +113,19 @@ impl Database {
                 "--database-url is not a PostgreSQL connection string ({e}); write e.g. postgresql://user:password@host:5432/dbname"
             ))
         })?;
+        if matches!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        ) {
+            return Err(SourceError::Definite(
+                "--database-url asks for sslmode=require, but this version of walhook connects without TLS; use a local or tunnelled connection with sslmode=disable".into(),
+            ));
+        }
+        if config.get_user().is_none() {
+            return Err(SourceError::Definite(
+                "--database-url names no user; write it in, e.g. postgresql://walhook@127.0.0.1:5432/app".into(),
+            ));
+        }
         if config.get_hosts().is_empty() {
             return Err(SourceError::Definite(
                 "--database-url names no host; write e.g. postgresql://user@127.0.0.1:5432/dbname"
@@ -194,7 +207,9 @@ impl Database {
         // behind the log).
         .with_status_interval(Duration::from_millis(100))
         .with_wakeup_interval(Duration::from_secs(5))
-        .with_buffer_size(16_384)
+        // Events are row changes; this bounds how many wait between the socket and the
+        // decoder (a few MB for ordinary rows).
+        .with_buffer_size(4096)
         .with_application_name("walhook")
     }
 }
@@ -442,8 +457,11 @@ pub fn publication_lacks(name: &str, missing: &[TableName]) -> String {
 }
 
 /// Creates the logical slot when missing; checks an existing one. Returns its confirmed
-/// flush position, where streaming resumes.
-pub async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<Lsn, SourceError> {
+/// flush position, where streaming resumes, and whether it was created now.
+pub async fn ensure_slot(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<(Lsn, bool), SourceError> {
     let rows = client
         .query(
             "SELECT plugin::text, slot_type, database::text = current_database(), \
@@ -461,7 +479,7 @@ pub async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<
             .await?;
         let lsn = parse_lsn(row.get(0))?;
         tracing::info!(slot, %lsn, "created logical replication slot");
-        return Ok(lsn);
+        return Ok((lsn, true));
     };
     let plugin: Option<String> = row.get(0);
     let slot_type: String = row.get(1);
@@ -484,8 +502,8 @@ pub async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<
         )));
     }
     match confirmed {
-        Some(lsn) => parse_lsn(&lsn),
-        None => Ok(Lsn::ZERO),
+        Some(lsn) => Ok((parse_lsn(&lsn)?, false)),
+        None => Ok((Lsn::ZERO, false)),
     }
 }
 
@@ -508,4 +526,24 @@ pub async fn advance_slot(
 
 fn parse_lsn(text: &str) -> Result<Lsn, SourceError> {
     Lsn::parse(text).map_err(|e| SourceError::Definite(format!("server sent an {e}")))
+}
+
+/// Which database this is: the cluster's system identifier (when the role may read
+/// `pg_control_system()`) and the database name.
+pub async fn identify(
+    client: &tokio_postgres::Client,
+) -> Result<(Option<String>, String), SourceError> {
+    let database: String = client
+        .query_one("SELECT current_database()::text", &[])
+        .await?
+        .get(0);
+    let system = client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .ok()
+        .map(|row| row.get(0));
+    Ok((system, database))
 }

@@ -240,20 +240,7 @@ impl Assembler {
         };
         let key = match self.tables.get(&table) {
             None => None,
-            Some(route) => {
-                let mut positions = Vec::with_capacity(route.key.len());
-                for column in &route.key {
-                    let Some(at) = relation.columns.iter().position(|c| c.name == column.name)
-                    else {
-                        return Err(TxnError::Definite(format!(
-                            "table {table}: the replication stream has no column {:?} of its primary key (was the key changed? restart walhook after schema changes to keys)",
-                            column.name
-                        )));
-                    };
-                    positions.push((at, column.clone()));
-                }
-                Some(positions)
-            }
+            Some(route) => Some(key_positions(&table, &route.key, &relation)?),
         };
         self.relations
             .insert(relation.id, RelationRoute { table, key });
@@ -301,6 +288,56 @@ impl Assembler {
         }
         Ok(ready)
     }
+}
+
+/// Where the primary key columns sit in the relation's tuples. The key is known by name from
+/// the catalog at start; a stream that is behind may still describe the table as it was
+/// before a column was renamed, so then the relation's own key flags (the replica identity,
+/// which is the primary key unless the table says otherwise) name the columns.
+fn key_positions(
+    table: &TableName,
+    key: &[KeyColumn],
+    relation: &Relation,
+) -> Result<Vec<(usize, KeyColumn)>, TxnError> {
+    let by_name: Option<Vec<(usize, KeyColumn)>> = key
+        .iter()
+        .map(|column| {
+            relation
+                .columns
+                .iter()
+                .position(|c| c.name == column.name)
+                .map(|at| (at, column.clone()))
+        })
+        .collect();
+    if let Some(positions) = by_name {
+        return Ok(positions);
+    }
+    let flagged: Vec<(usize, KeyColumn)> = relation
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.is_key)
+        .map(|(at, c)| {
+            (
+                at,
+                KeyColumn {
+                    name: c.name.clone(),
+                    type_oid: c.type_oid,
+                },
+            )
+        })
+        .collect();
+    let usable = matches!(
+        relation.replica_identity,
+        pgoutput::ReplicaIdentity::Default | pgoutput::ReplicaIdentity::Index
+    ) && flagged.len() == key.len();
+    if usable {
+        return Ok(flagged);
+    }
+    Err(TxnError::Definite(format!(
+        "table {table}: the replication stream describes the table without its primary key columns ({}); if the key was changed, the rows of the old key cannot be named: point walhook at a new --slot",
+        key.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(", ")
+    )))
 }
 
 fn unknown_relation(id: u32) -> TxnError {

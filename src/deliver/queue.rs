@@ -61,6 +61,8 @@ pub struct Queue {
     rescanning: bool,
     /// Keys being attempted right now, so a rescan does not send them twice.
     in_flight_keys: HashSet<NotificationKey>,
+    /// The earliest due time of retries evicted from a full window: a rescan brings them back.
+    evicted_due: Option<u64>,
 }
 
 impl Queue {
@@ -89,6 +91,7 @@ impl Queue {
             rescan,
             rescanning: true,
             in_flight_keys: HashSet::new(),
+            evicted_due: None,
         }
     }
 
@@ -105,16 +108,27 @@ impl Queue {
     }
 
     /// Runs until `stop` turns true, then waits (briefly) for attempts in flight so that
-    /// their outcome is recorded.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), LogError> {
+    /// their outcome is recorded. A log error is reported at once and the queue starts over
+    /// from the log after a pause: one webhook's trouble never ends its deliveries silently.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let (done_tx, mut done_rx) = mpsc::channel::<Finished>(self.webhook.max_in_flight.max(1));
         loop {
-            self.refill()?;
-            self.dispatch(&done_tx)?;
+            if let Err(e) = self.refill().and_then(|()| self.dispatch(&done_tx)) {
+                if !self.pause_after(e, &mut stop).await {
+                    break;
+                }
+                continue;
+            }
             let wake = self.next_wake();
             tokio::select! {
                 // An attempt finished: record it and decide what comes next.
-                Some(finished) = done_rx.recv() => self.finish(finished)?,
+                Some(finished) = done_rx.recv() => {
+                    if let Err(e) = self.finish(finished) {
+                        if !self.pause_after(e, &mut stop).await {
+                            break;
+                        }
+                    }
+                }
                 // A newer transaction became durable: there may be more to read.
                 changed = self.durable.changed(), if self.streaming => {
                     // The stream is gone (shutting down): keep delivering what we have
@@ -125,12 +139,15 @@ impl Queue {
                 changed = self.rescan.changed(), if self.rescanning => {
                     self.rescanning = changed.is_ok();
                     if self.rescanning {
-                        self.cursor = None;
-                        self.window.clear();
+                        self.start_over();
                     }
                 }
-                // The earliest retry in the window is due.
-                _ = tokio::time::sleep(wake) => {}
+                // The earliest retry in the window is due, or one that was evicted from it.
+                _ = tokio::time::sleep(wake) => {
+                    if self.evicted_due.is_some_and(|due| due <= now_ms()) {
+                        self.start_over();
+                    }
+                }
                 // Shutdown: stop sending, collect what is in flight.
                 _ = stop.changed() => break,
             }
@@ -139,26 +156,52 @@ impl Queue {
         tokio::pin!(deadline);
         while self.in_flight > 0 {
             tokio::select! {
-                Some(finished) = done_rx.recv() => self.finish(finished)?,
+                Some(finished) = done_rx.recv() => {
+                    if let Err(e) = self.finish(finished) {
+                        tracing::error!(hook = %self.webhook.id, error = %e, "recording an attempt failed");
+                    }
+                }
                 _ = &mut deadline => break,
             }
         }
-        Ok(())
+    }
+
+    /// Reports a log error, waits a little (or until stop), and makes the queue read the log
+    /// afresh. Returns false when stopping.
+    async fn pause_after(&mut self, e: LogError, stop: &mut watch::Receiver<bool>) -> bool {
+        tracing::error!(hook = %self.webhook.id, error = %e, "delivery queue failed; retrying in 5 s");
+        self.start_over();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => true,
+            _ = stop.changed() => false,
+        }
+    }
+
+    /// Forgets the window; the next refill reads pending notifications from the log's start
+    /// (those in flight are skipped).
+    fn start_over(&mut self) {
+        self.cursor = None;
+        self.window.clear();
+        self.evicted_due = None;
     }
 
     fn refill(&mut self) -> Result<(), LogError> {
-        let room = self
-            .capacity()
-            .saturating_sub(self.window.len() + self.in_flight);
-        if room < self.capacity() / 2 {
+        let capacity = self.capacity();
+        if !self.webhook.ordered && self.window.len() + self.in_flight >= capacity {
+            self.evict_waiting();
+        }
+        let room = capacity.saturating_sub(self.window.len() + self.in_flight);
+        if room < capacity / 2 {
             return Ok(());
         }
         let up_to = self.durable.borrow().commit_lsn;
-        let items = self
+        let page = self
             .log
             .pending(&self.webhook.id, self.cursor.as_ref(), up_to, room)?;
-        for (key, status) in items {
-            self.cursor = Some(key.clone());
+        if page.scanned_to.is_some() {
+            self.cursor = page.scanned_to;
+        }
+        for (key, status) in page.items {
             if self.in_flight_keys.contains(&key) {
                 continue;
             }
@@ -166,6 +209,24 @@ impl Queue {
             self.window.insert(slot, status);
         }
         Ok(())
+    }
+
+    /// Makes room for new notifications when the window is full of retries that are not due:
+    /// those due later than a second from now leave it (they keep their due time in the log)
+    /// and come back by a rescan when the first of them is due. Without this, a burst of
+    /// failures during an outage would hold back every later notification until their
+    /// retries (minutes to hours away) were done.
+    fn evict_waiting(&mut self) {
+        let horizon = now_ms() + 1000;
+        let first_key = NotificationKey {
+            hook: String::new(),
+            lsn: 0,
+            ordinal: 0,
+        };
+        let later = self.window.split_off(&(horizon, first_key));
+        if let Some(((due, _), _)) = later.first_key_value() {
+            self.evicted_due = Some(self.evicted_due.map_or(*due, |d| d.min(*due)));
+        }
     }
 
     fn dispatch(&mut self, done: &mpsc::Sender<Finished>) -> Result<(), LogError> {
@@ -266,13 +327,14 @@ impl Queue {
     /// at most a second (new notifications also wake the queue through `durable`).
     fn next_wake(&self) -> Duration {
         let now = now_ms();
-        let due = match self.window.first_key_value() {
+        let head = match self.window.first_key_value() {
             Some((_, status)) if self.in_flight < self.webhook.max_in_flight => {
                 status.next_at_ms.saturating_sub(now)
             }
             _ => 1000,
         };
-        Duration::from_millis(due.clamp(1, 1000))
+        let evicted = self.evicted_due.map_or(1000, |due| due.saturating_sub(now));
+        Duration::from_millis(head.min(evicted).clamp(1, 1000))
     }
 }
 
