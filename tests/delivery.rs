@@ -691,3 +691,67 @@ async fn without_a_control_socket_deliveries_says_the_data_dir_is_in_use() {
     );
     stop(&mut walhook).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_from_an_outage_do_not_hold_back_new_notifications() {
+    // More failures than one webhook keeps in memory (its window is 256), all waiting for a
+    // retry a minute away: a notification committed after the endpoint recovers must still
+    // go out at once.
+    let s = Scenario::new(
+        ORDERS,
+        &config(&[webhook("crm", "/hooks/crm", "retry = [\"60s\"]")]),
+    )
+    .await;
+    s.receiver.set_plan("/hooks/crm", Plan::always(503));
+    let walhook = s.start_walhook().await;
+    let outage: usize = 300;
+    // One transaction each: COMMIT inside a DO block.
+    s.pg.exec(&format!(
+        "DO $$ BEGIN FOR i IN 1..{outage} LOOP INSERT INTO orders VALUES (i, 1); COMMIT; END LOOP; END $$"
+    ))
+    .await;
+    s.receiver.wait_for_count(outage, WAIT).await;
+
+    s.receiver.set_plan("/hooks/crm", Plan::always(200));
+    s.pg.exec("INSERT INTO orders VALUES (100000, 1)").await;
+    let got = s
+        .receiver
+        .wait_for(
+            |r| {
+                r.iter()
+                    .any(|x| x.status == Some(200) && rows(x) == vec![json!(100000)])
+            },
+            Duration::from_secs(10),
+        )
+        .await;
+    let failed_first = got.iter().filter(|r| r.status == Some(503)).count();
+    assert_eq!(
+        failed_first, outage,
+        "every outage notification failed once"
+    );
+    drop(walhook);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_control_client_does_not_delay_shutdown() {
+    let s = Scenario::new(ORDERS, &config(&[webhook("crm", "/hooks/crm", "")])).await;
+    let mut walhook = s.start_walhook().await;
+    // Connects to the control socket and says nothing.
+    let socket = s.data_dir().join("control.sock");
+    let _silent = tokio::net::UnixStream::connect(&socket)
+        .await
+        .expect("control socket accepts");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    walhook.sigterm();
+    let status = walhook
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("walhook exits despite the idle control client");
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}

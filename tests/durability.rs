@@ -738,3 +738,80 @@ async fn an_unreachable_database_at_start_is_waited_for() {
         .await;
     assert_eq!(received_groups(&bodies_by_id(&got)), expected_groups(&txns));
 }
+
+/// SIGTERM, and a clean exit.
+async fn stop_cleanly(walhook: &mut Walhook) {
+    walhook.sigterm();
+    let status = walhook.wait_exit(WAIT).await.expect("walhook exits");
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_is_refused_for_another_database() {
+    let s = Scenario::new(ITEMS, CONFIG).await;
+    let mut walhook = s.start_walhook().await;
+    s.pg.exec("INSERT INTO items VALUES (1, 1)").await;
+    s.receiver.wait_for_count(1, WAIT).await;
+    stop_cleanly(&mut walhook).await;
+
+    // Another cluster (its own initdb: another system identifier), same table.
+    let other = PgCluster::start_fresh();
+    other.exec(ITEMS).await;
+    let mut args = s.run_args();
+    let at = args
+        .iter()
+        .position(|a| a == "--database-url")
+        .expect("url arg")
+        + 1;
+    args[at] = other.url();
+    let (status, _, stderr) = crate::support::run_to_completion(&args, &[], WAIT).await;
+    assert!(
+        !status.success(),
+        "run accepted another database's data dir"
+    );
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("walhook: error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("holds the delivery log of") && errors[0].contains("another --data-dir"),
+        "{stderr}"
+    );
+    // Refused before anything was created on the other database.
+    let slots = other
+        .client()
+        .await
+        .query("SELECT 1 FROM pg_replication_slots", &[])
+        .await
+        .expect("query");
+    assert!(slots.is_empty(), "a slot was created on the other database");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_column_renamed_while_stopped_does_not_wedge_the_stream() {
+    let s = Scenario::new(ITEMS, CONFIG).await;
+    let mut walhook = s.start_walhook().await;
+    s.pg.exec("INSERT INTO items VALUES (1, 1)").await;
+    s.receiver.wait_for_count(1, WAIT).await;
+    stop_cleanly(&mut walhook).await;
+
+    // While walhook is stopped: a change under the old column name, the rename, a change
+    // under the new one. On restart the catalog has the new name, the stream starts with
+    // the old one.
+    s.pg.exec("INSERT INTO items VALUES (2, 2)").await;
+    s.pg.exec("ALTER TABLE items RENAME COLUMN id TO item_id")
+        .await;
+    s.pg.exec("INSERT INTO items (item_id, txn) VALUES (3, 3)")
+        .await;
+    let _walhook = s.start_walhook().await;
+    let got = s.receiver.wait_for_count(3, WAIT).await;
+    // Delivery runs several requests at once: compare the set of rows.
+    let mut rows: Vec<i64> = got
+        .iter()
+        .flat_map(|r| r.json()["rows"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_i64())
+        .collect();
+    rows.sort();
+    assert_eq!(rows, vec![1, 2, 3]);
+}

@@ -187,10 +187,12 @@ impl Queue {
 
     fn refill(&mut self) -> Result<(), LogError> {
         let capacity = self.capacity();
-        if !self.webhook.ordered && self.window.len() + self.in_flight >= capacity {
+        let mut room = capacity.saturating_sub(self.window.len() + self.in_flight);
+        if room < capacity / 2 && !self.webhook.ordered {
             self.evict_waiting();
+            room = capacity.saturating_sub(self.window.len() + self.in_flight);
         }
-        let room = capacity.saturating_sub(self.window.len() + self.in_flight);
+        // Read in pages of at least half the window, not one by one.
         if room < capacity / 2 {
             return Ok(());
         }
@@ -211,7 +213,7 @@ impl Queue {
         Ok(())
     }
 
-    /// Makes room for new notifications when the window is full of retries that are not due:
+    /// Makes room for new notifications when the window fills with retries that are not due:
     /// those due later than a second from now leave it (they keep their due time in the log)
     /// and come back by a rescan when the first of them is due. Without this, a burst of
     /// failures during an outage would hold back every later notification until their
