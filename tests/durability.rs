@@ -368,6 +368,17 @@ async fn undelivered(s: &Scenario) -> Vec<(String, String)> {
 /// The usual scenario plus the witness slot, created before walhook's own so that it sees
 /// every transaction walhook can see. (A separate statement: a slot cannot be created in a
 /// transaction that has written.)
+/// Waits until every row of `txns` was delivered, then checks the notifications are exactly
+/// one per (transaction, op) with exactly its rows.
+async fn expect_exactly_delivered(s: &Scenario, txns: &[Txn]) {
+    let expected = all_ids(txns);
+    let got = s
+        .receiver
+        .wait_for(|r| delivered_ids(r).is_superset(&expected), WAIT)
+        .await;
+    assert_eq!(received_groups(&bodies_by_id(&got)), expected_groups(txns));
+}
+
 async fn scenario() -> Scenario {
     scenario_with(CONFIG).await
 }
@@ -597,12 +608,7 @@ async fn the_slot_never_passes_what_the_log_holds() {
     // The endpoint recovers: a restart delivers every transaction, also those after the kill.
     s.receiver.respond_with(Plan::always(200));
     walhook.restart();
-    let expected = all_ids(&txns);
-    let got = s
-        .receiver
-        .wait_for(|r| delivered_ids(r).is_superset(&expected), WAIT)
-        .await;
-    assert_eq!(received_groups(&bodies_by_id(&got)), expected_groups(&txns));
+    expect_exactly_delivered(&s, &txns).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -699,12 +705,7 @@ async fn sigterm_under_load_exits_0_and_acknowledges_what_was_delivered() {
     }
 
     walhook.restart();
-    let expected = all_ids(&txns);
-    let got = s
-        .receiver
-        .wait_for(|r| delivered_ids(r).is_superset(&expected), WAIT)
-        .await;
-    assert_eq!(received_groups(&bodies_by_id(&got)), expected_groups(&txns));
+    expect_exactly_delivered(&s, &txns).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
