@@ -23,7 +23,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Requests in flight per webhook, unless a webhook says otherwise (or `ordered = true`).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
 /// How long delivered notifications and their attempts are kept.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// sled keeps an index of the whole log in memory, so delivered entries are not kept long.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
