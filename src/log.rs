@@ -206,9 +206,9 @@ impl Log {
             // sled caches up to 1 GiB by default; the log is read mostly at its head
             // and tail, so a small cache keeps the sidecar's memory modest.
             .cache_capacity(CACHE_BYTES)
-            // Values larger than an eighth of a segment go to blob files, which sled does
-            // not sync; 8 MiB segments keep every notification inline.
-            .segment_size(8 * 1024 * 1024)
+            // Pages larger than a quarter of a segment go to blob files, which sled does not
+            // sync; 4 MiB segments keep notifications (at most ~100 KB each) inline.
+            .segment_size(4 * 1024 * 1024)
             .open()
             .map_err(|source| match &source {
                 sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
