@@ -10,7 +10,9 @@
 //! Settings (argument / environment / default): `--rows` `PIPELINE_ROWS` 1000000,
 //! `--small-txns` `PIPELINE_SMALL_TXNS` 20000, `--rate` `PIPELINE_RATE` 500 (tx/s),
 //! `--seconds` `PIPELINE_SECONDS` 10, `--max-rows` `PIPELINE_MAX_ROWS` 1000 (the webhook's
-//! `max_rows`), `--pairs` `PIPELINE_PAIRS` 2.
+//! `max_rows`), `--pairs` `PIPELINE_PAIRS` 2; diagnostic only: `--receiver-delay-ms`
+//! `PIPELINE_RECEIVER_DELAY_MS` 0 (the throughput phases' receiver answers that late, so that
+//! delivery hardly competes with streaming; not the real setting, and labelled so).
 //!
 //! `cargo bench` also builds the `walhook` binary (a bench target is selected, so cargo builds
 //! the package's binaries with the bench profile, i.e. release settings, into
@@ -65,7 +67,7 @@ mod receiver;
 
 use pg::PgCluster;
 use process::{walhook_bin, write_config, Walhook};
-use receiver::{Receiver, Recorded};
+use receiver::{Plan, Receiver, Recorded};
 
 /// The Standard Webhooks test-vector secret (any valid secret does).
 const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
@@ -90,6 +92,9 @@ struct Settings {
     max_rows: u64,
     /// Back-to-back comparisons per throughput workload, alternating which side goes first.
     pairs: u64,
+    /// Diagnostic only: the receiver of the throughput phases answers after this long, so
+    /// that delivery hardly competes with streaming (0: answer at once, the real setting).
+    receiver_delay_ms: u64,
 }
 
 impl Settings {
@@ -97,7 +102,7 @@ impl Settings {
     /// else the defaults. Unknown arguments (cargo passes `--bench`) are ignored.
     fn load() -> Settings {
         let args: Vec<String> = std::env::args().skip(1).collect();
-        let get = |flag: &str, env: &str, default: u64| -> u64 {
+        let text = |flag: &str, env: &str| -> Option<String> {
             let from_args = args.iter().enumerate().find_map(|(i, a)| {
                 if let Some(v) = a.strip_prefix(&format!("--{flag}=")) {
                     Some(v.to_string())
@@ -107,15 +112,25 @@ impl Settings {
                     None
                 }
             });
-            let text = from_args.or_else(|| std::env::var(env).ok());
-            match text {
+            from_args.or_else(|| std::env::var(env).ok())
+        };
+        let number = |flag: &str, env: &str, t: &str| -> u64 {
+            t.trim()
+                .replace('_', "")
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("--{flag} / {env}: {t:?} is not a whole number"))
+        };
+        let get = |flag: &str, env: &str, default: u64| -> u64 {
+            match text(flag, env) {
                 None => default,
-                Some(t) => match t.trim().replace('_', "").parse::<u64>() {
-                    Ok(n) if n > 0 => n,
-                    _ => panic!("--{flag} / {env}: {t:?} is not a positive integer"),
+                Some(t) => match number(flag, env, &t) {
+                    0 => panic!("--{flag} / {env}: must be at least 1"),
+                    n => n,
                 },
             }
         };
+        let get_or_zero =
+            |flag: &str, env: &str| -> u64 { text(flag, env).map_or(0, |t| number(flag, env, &t)) };
         Settings {
             rows: get("rows", "PIPELINE_ROWS", 1_000_000),
             small_txns: get("small-txns", "PIPELINE_SMALL_TXNS", 20_000),
@@ -123,6 +138,7 @@ impl Settings {
             seconds: get("seconds", "PIPELINE_SECONDS", 10),
             max_rows: get("max-rows", "PIPELINE_MAX_ROWS", 1000),
             pairs: get("pairs", "PIPELINE_PAIRS", 2),
+            receiver_delay_ms: get_or_zero("receiver-delay-ms", "PIPELINE_RECEIVER_DELAY_MS"),
         }
     }
 }
@@ -237,6 +253,7 @@ async fn bench(settings: Settings, bin: PathBuf) {
             "seconds": b.settings.seconds,
             "max_rows": b.settings.max_rows,
             "pairs": b.settings.pairs,
+            "receiver_delay_ms": b.settings.receiver_delay_ms,
             "walhook_log": WALHOOK_LOG,
             "walhook_bin": b.bin.display().to_string(),
         },
@@ -500,6 +517,11 @@ impl Bench {
     async fn walhook_catch_up(&self, slot: &str, end: &str, expected: u64) -> Timed {
         eprintln!("pipeline bench: walhook on {slot} up to {end}");
         let receiver = Receiver::start().await;
+        if self.settings.receiver_delay_ms > 0 {
+            receiver.respond_with(Plan::delay(Duration::from_millis(
+                self.settings.receiver_delay_ms,
+            )));
+        }
         let (mut walhook, spawned) = self.spawn_walhook(slot, &receiver);
         let spawned_wall = SystemTime::now();
         let confirmed = self
@@ -517,8 +539,14 @@ impl Bench {
             .and_then(|s| s.duration_since(spawned_wall).ok())
             .map(|d| d.as_secs_f64());
 
-        // Delivery is not part of the throughput figure, but it runs meanwhile.
-        let deadline = Instant::now() + Duration::from_secs(300);
+        // Delivery is not part of the throughput figure, but it runs meanwhile (with a slowed
+        // receiver it would take long: then it is not waited for).
+        let wait = if self.settings.receiver_delay_ms > 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(300)
+        };
+        let deadline = Instant::now() + wait;
         let mut got = receiver.requests();
         while (got.len() as u64) < expected && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -742,9 +770,15 @@ fn render(r: &Value) -> String {
     );
     let _ = writeln!(
         s,
-        "walhook: release build, RUST_LOG={}, max_rows={}, one webhook answering 200 at once; timed from spawn until the slot's confirmed_flush_lsn >= end (polled every 10 ms)",
+        "walhook: release build, RUST_LOG={}, max_rows={}, one webhook answering 200 {}; timed from spawn until the slot's confirmed_flush_lsn >= end (polled every 10 ms)",
         r["settings"]["walhook_log"].as_str().unwrap_or("?"),
         r["settings"]["max_rows"],
+        match r["settings"]["receiver_delay_ms"].as_u64() {
+            Some(ms) if ms > 0 => format!(
+                "after {ms} ms in the throughput phases (DIAGNOSTIC: delivery throttled, not the real setting)"
+            ),
+            _ => "at once".to_string(),
+        },
     );
     let _ = writeln!(s);
     let _ = writeln!(

@@ -9,11 +9,12 @@
 //!                                └──► delivery queues (one per webhook) read up to `durable`
 //! ```
 //!
-//! Group commit: the stream task appends each committed transaction to sled without waiting;
-//! the flusher task flushes whatever has been appended, then publishes the position it
-//! covered. Only then is the slot acknowledged and are the notifications delivered. The next
-//! flush covers everything appended meanwhile (sled 0.34's `apply_batch` waits while a flush
-//! writes, so appends pile up in the replication client's buffer, not in the log).
+//! Group commit: the stream task appends committed transactions to sled without waiting (a
+//! burst of them as one batch); the flusher task flushes whatever has been appended, then
+//! publishes the position it covered. Only then is the slot acknowledged and are the
+//! notifications delivered. The next flush covers everything appended meanwhile (sled 0.34's
+//! `apply_batch` waits while a flush writes, so appends pile up in the replication client's
+//! buffer, not in the log).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,7 +25,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::deliver::http::build_client;
 use crate::deliver::queue::Queue;
-use crate::log::{now_ms, Log, LogError, Origin, Position};
+use crate::log::{now_ms, Log, LogError, NewNotification, Origin, Position};
 use crate::schema::describe_tables;
 use crate::shutdown::{requested, Stop};
 use crate::source::{self, Database, SourceError};
@@ -384,9 +385,16 @@ impl Stream<'_> {
         // A keepalive position seen while idle, acknowledged once everything before it is
         // durable.
         let mut idle_wal_end: Option<Lsn> = None;
+        // Committed transactions not written to the log yet. They are written as one batch
+        // once nothing more is ready to read (at once when the stream is quiet) or the group
+        // is full: in sled 0.34 every batch costs synchronous writes of its own, so one per
+        // small transaction would not keep up with the database.
+        let mut staged = Staged::default();
 
         let end = loop {
             tokio::select! {
+                // In this order: the last branch runs only when nothing else is ready.
+                biased;
                 // Stop reading; what was appended is flushed below.
                 _ = requested(stop) => break SessionEnd::Stopped,
                 // The flusher made more durable: acknowledge it.
@@ -398,7 +406,8 @@ impl Stream<'_> {
                     // Acknowledge what the flush covered even while newer transactions keep
                     // arriving: under steady load the flusher is always one group behind.
                     durable_end = durable_end.max(Lsn(durable.end_lsn));
-                    let caught_up = applied.is_none_or(|p| p.commit_lsn <= durable.commit_lsn);
+                    let caught_up = staged.is_empty()
+                        && applied.is_none_or(|p| p.commit_lsn <= durable.commit_lsn);
                     let mut ack = durable_end;
                     if caught_up && !assembler.in_transaction() {
                         ack = ack.max(idle_wal_end.take().unwrap_or(Lsn::ZERO));
@@ -429,13 +438,14 @@ impl Stream<'_> {
                                         self.log.truncate_transaction(hook, lsn.0, *count)?;
                                     }
                                 }
-                                self.log.append(&committed.notifications, Some(committed.position), now_ms())?;
-                                applied = Some(committed.position);
-                                applied_tx.send_replace(applied);
+                                if staged.push(committed) {
+                                    applied = staged.write(self.log)?;
+                                    applied_tx.send_replace(applied);
+                                }
                             }
                             // Already in the log: a replay after a restart.
                             Ok(None) => {
-                                if applied.is_none() {
+                                if applied.is_none() && staged.is_empty() {
                                     self.ack(&client, end_lsn);
                                 }
                             }
@@ -445,7 +455,7 @@ impl Stream<'_> {
                         ReplicationEvent::KeepAlive { wal_end, .. } => {
                             if !assembler.in_transaction() {
                                 let durable = self.durable_tx.borrow().commit_lsn;
-                                if applied.is_none_or(|p| p.commit_lsn <= durable) {
+                                if staged.is_empty() && applied.is_none_or(|p| p.commit_lsn <= durable) {
                                     // Nothing is waiting for a flush: the server may drop
                                     // WAL up to here (an idle database never holds WAL).
                                     self.ack(&client, wal_end);
@@ -457,8 +467,19 @@ impl Stream<'_> {
                         ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
                     }
                 }
+                // Nothing else is ready: write the staged transactions.
+                _ = std::future::ready(()), if !staged.is_empty() => {
+                    applied = staged.write(self.log)?;
+                    applied_tx.send_replace(applied);
+                }
             }
         };
+        // Transactions staged when the loop ended are complete: write them too (nothing was
+        // acknowledged for them, so dropping them would be safe as well).
+        if !staged.is_empty() {
+            applied = staged.write(self.log)?;
+            applied_tx.send_replace(applied);
+        }
 
         // Flush what this session appended, then acknowledge it before closing.
         drop(applied_tx);
@@ -486,6 +507,42 @@ impl Stream<'_> {
         }
     }
 }
+
+/// Committed transactions waiting to be written to the log as one batch.
+#[derive(Default)]
+struct Staged {
+    notifications: Vec<NewNotification>,
+    position: Option<Position>,
+    transactions: usize,
+}
+
+impl Staged {
+    fn is_empty(&self) -> bool {
+        self.position.is_none()
+    }
+
+    /// Adds a transaction; true when the group is full and must be written now.
+    fn push(&mut self, committed: crate::txn::Committed) -> bool {
+        self.notifications.extend(committed.notifications);
+        self.position = Some(committed.position);
+        self.transactions += 1;
+        self.notifications.len() >= GROUP_NOTIFICATIONS || self.transactions >= GROUP_TRANSACTIONS
+    }
+
+    /// Writes the group in one batch; returns the position it reached.
+    fn write(&mut self, log: &Log) -> Result<Option<Position>, LogError> {
+        let position = self.position.take();
+        log.append(&self.notifications, position, now_ms())?;
+        self.notifications.clear();
+        self.transactions = 0;
+        Ok(position)
+    }
+}
+
+/// At most this many notifications of committed transactions wait to be written as one batch,
+const GROUP_NOTIFICATIONS: usize = 256;
+/// and at most this many committed transactions (some have no notifications).
+const GROUP_TRANSACTIONS: usize = 1024;
 
 /// Flushes the log whenever transactions were appended, then publishes the commit LSN the
 /// flush covered. Ends (after a last flush) when the session drops `applied`.
