@@ -35,20 +35,31 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("control.sock")
 }
 
-/// Serves the control socket until `stop`. Failing to bind is not fatal: `deliveries` then
-/// reports the data dir as in use, as it would without the socket.
-pub async fn serve(data_dir: PathBuf, log: Log, rescan: watch::Sender<u64>, mut stop: Stop) {
-    let path = socket_path(&data_dir);
+/// Binds the control socket. Failing to bind is not fatal: `deliveries` then reports the
+/// data dir as in use, as it would without the socket.
+pub fn bind(data_dir: &Path) -> Option<UnixListener> {
+    let path = socket_path(data_dir);
     // A socket left by a killed process: we hold the data dir's lock, so it is stale.
     let _ = std::fs::remove_file(&path);
-    let listener = match UnixListener::bind(&path) {
-        Ok(listener) => listener,
+    match UnixListener::bind(&path) {
+        Ok(listener) => Some(listener),
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e,
                 "cannot serve the control socket; `walhook deliveries` will need run to be stopped");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Serves the control socket until `stop`, then removes it.
+pub async fn serve(
+    listener: UnixListener,
+    data_dir: PathBuf,
+    log: Log,
+    rescan: watch::Sender<u64>,
+    mut stop: Stop,
+) {
+    let path = socket_path(&data_dir);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {

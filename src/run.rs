@@ -150,12 +150,16 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
         queues.push(tokio::spawn(queue.run(stop_queues.clone())));
     }
     let pruner = tokio::spawn(prune(log.clone(), config.retention, stop_queues.clone()));
-    let control = tokio::spawn(crate::control::serve(
-        opts.data_dir.clone(),
-        log.clone(),
-        rescan_tx,
-        stop_queues.clone(),
-    ));
+    // Bound before streaming starts, so a `deliveries` call never finds it missing.
+    let control = crate::control::bind(&opts.data_dir).map(|listener| {
+        tokio::spawn(crate::control::serve(
+            listener,
+            opts.data_dir.clone(),
+            log.clone(),
+            rescan_tx,
+            stop_queues.clone(),
+        ))
+    });
 
     let mut assembler = Assembler::new(&config, &infos, position.commit_lsn);
     let mut stream = Stream {
@@ -196,7 +200,9 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
         }
     }
     pruner.abort();
-    let _ = control.await;
+    if let Some(control) = control {
+        let _ = control.await;
+    }
     if result.is_ok() {
         tracing::info!(acknowledged = %stream.acked, "stopped");
     }
