@@ -266,10 +266,9 @@ impl Log {
         let status = encode_json(&status);
         for n in notifications {
             batch.insert(n.key.encode(NOTIFICATION), n.body.as_slice());
+            // No delivered record can exist for this key: delivery reads only transactions
+            // up to the logged position, and a restart skips every one of those.
             batch.insert(n.key.encode(PENDING), status.as_slice());
-            // A replay of a transaction that was delivered before its ack reached PostgreSQL
-            // leaves the delivered record: the notification is sent again (at least once).
-            batch.remove(n.key.encode(DELIVERED));
         }
         if let Some(position) = position {
             batch.insert(POSITION, encode_json(&position));
@@ -379,41 +378,47 @@ impl Log {
         Ok(self.tree.get(key.encode(NOTIFICATION))?.map(|v| v.to_vec()))
     }
 
-    /// Records an attempt and its consequence in one batch. Returns the status written when
-    /// the notification stays pending or goes dead.
+    /// Records an attempt and its consequence.
     pub fn record_attempt(
         &self,
         key: &NotificationKey,
         attempt: &Attempt,
         after: AfterAttempt,
     ) -> Result<(), LogError> {
-        let pending_key = key.encode(PENDING);
-        let mut status: Status = match self.tree.get(&pending_key)? {
-            Some(value) => decode_json(&pending_key, &value)?,
-            // Pruned or redelivered concurrently: keep the attempt record only.
-            None => {
-                self.tree
-                    .insert(key.attempt_key(attempt.number), encode_json(attempt))?;
-                return Ok(());
-            }
-        };
+        self.record_attempts(&[(key.clone(), attempt.clone(), after)])
+    }
+
+    /// Records several attempts and their consequences in one batch (sled forces disk writes
+    /// around every batch, so finished attempts are recorded together).
+    pub fn record_attempts(
+        &self,
+        outcomes: &[(NotificationKey, Attempt, AfterAttempt)],
+    ) -> Result<(), LogError> {
         let mut batch = sled::Batch::default();
-        batch.insert(key.attempt_key(attempt.number), encode_json(attempt));
-        status.attempts = status.attempts.max(attempt.number);
-        match after {
-            AfterAttempt::Delivered => {
-                batch.remove(pending_key);
-                batch.insert(key.encode(DELIVERED), &attempt.at_ms.to_be_bytes());
-            }
-            AfterAttempt::RetryAt { next_at_ms } => {
-                status.round_failures += 1;
-                status.next_at_ms = next_at_ms;
-                batch.insert(pending_key, encode_json(&status));
-            }
-            AfterAttempt::Dead => {
-                status.round_failures += 1;
-                status.dead = true;
-                batch.insert(pending_key, encode_json(&status));
+        for (key, attempt, after) in outcomes {
+            batch.insert(key.attempt_key(attempt.number), encode_json(attempt));
+            let pending_key = key.encode(PENDING);
+            let mut status: Status = match self.tree.get(&pending_key)? {
+                Some(value) => decode_json(&pending_key, &value)?,
+                // Pruned or redelivered concurrently: keep the attempt record only.
+                None => continue,
+            };
+            status.attempts = status.attempts.max(attempt.number);
+            match after {
+                AfterAttempt::Delivered => {
+                    batch.remove(pending_key);
+                    batch.insert(key.encode(DELIVERED), &attempt.at_ms.to_be_bytes());
+                }
+                AfterAttempt::RetryAt { next_at_ms } => {
+                    status.round_failures += 1;
+                    status.next_at_ms = *next_at_ms;
+                    batch.insert(pending_key, encode_json(&status));
+                }
+                AfterAttempt::Dead => {
+                    status.round_failures += 1;
+                    status.dead = true;
+                    batch.insert(pending_key, encode_json(&status));
+                }
             }
         }
         self.tree.apply_batch(batch)?;

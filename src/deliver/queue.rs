@@ -123,7 +123,11 @@ impl Queue {
             tokio::select! {
                 // An attempt finished: record it and decide what comes next.
                 Some(finished) = done_rx.recv() => {
-                    if let Err(e) = self.finish(finished) {
+                    let mut all = vec![finished];
+                    while let Ok(more) = done_rx.try_recv() {
+                        all.push(more);
+                    }
+                    if let Err(e) = self.finish(all) {
                         if !self.pause_after(e, &mut stop).await {
                             break;
                         }
@@ -157,7 +161,7 @@ impl Queue {
         while self.in_flight > 0 {
             tokio::select! {
                 Some(finished) = done_rx.recv() => {
-                    if let Err(e) = self.finish(finished) {
+                    if let Err(e) = self.finish(vec![finished]) {
                         tracing::error!(hook = %self.webhook.id, error = %e, "recording an attempt failed");
                     }
                 }
@@ -269,34 +273,46 @@ impl Queue {
         Ok(())
     }
 
-    fn finish(&mut self, f: Finished) -> Result<(), LogError> {
-        self.in_flight -= 1;
-        self.in_flight_keys.remove(&f.key);
+    /// Records finished attempts (one log batch for all of them) and schedules what follows.
+    fn finish(&mut self, finished: Vec<Finished>) -> Result<(), LogError> {
         let now = now_ms();
-        let after = if f.outcome.is_success() {
-            AfterAttempt::Delivered
-        } else {
-            match self
-                .webhook
-                .retry
-                .next_delay(f.status.round_failures + 1, f.outcome.retry_after)
-            {
-                Some(delay) => AfterAttempt::RetryAt {
-                    next_at_ms: now + delay.as_millis() as u64,
-                },
-                None => AfterAttempt::Dead,
-            }
-        };
-        let record = Attempt {
-            number: f.attempt,
-            at_ms: now,
-            status: f.outcome.status,
-            error: f.outcome.error.clone(),
-            latency_ms: f.outcome.latency.as_millis() as u64,
-            response: f.outcome.body_head.clone(),
-            payload_sha256: f.payload_sha256,
-        };
-        self.log.record_attempt(&f.key, &record, after)?;
+        let mut records = Vec::with_capacity(finished.len());
+        for f in &finished {
+            self.in_flight -= 1;
+            self.in_flight_keys.remove(&f.key);
+            let after = if f.outcome.is_success() {
+                AfterAttempt::Delivered
+            } else {
+                match self
+                    .webhook
+                    .retry
+                    .next_delay(f.status.round_failures + 1, f.outcome.retry_after)
+                {
+                    Some(delay) => AfterAttempt::RetryAt {
+                        next_at_ms: now + delay.as_millis() as u64,
+                    },
+                    None => AfterAttempt::Dead,
+                }
+            };
+            let record = Attempt {
+                number: f.attempt,
+                at_ms: now,
+                status: f.outcome.status,
+                error: f.outcome.error.clone(),
+                latency_ms: f.outcome.latency.as_millis() as u64,
+                response: f.outcome.body_head.clone(),
+                payload_sha256: f.payload_sha256.clone(),
+            };
+            records.push((f.key.clone(), record, after));
+        }
+        self.log.record_attempts(&records)?;
+        for (f, (_, _, after)) in finished.into_iter().zip(records) {
+            self.after_attempt(f, after, now);
+        }
+        Ok(())
+    }
+
+    fn after_attempt(&mut self, f: Finished, after: AfterAttempt, now: u64) {
         let what = f
             .outcome
             .error
@@ -322,7 +338,6 @@ impl Queue {
                     "delivery failed and the retry schedule is exhausted: parked as dead (walhook deliveries redeliver --dead)");
             }
         }
-        Ok(())
     }
 
     /// How long to sleep when nothing else happens: until the head of the window is due,
