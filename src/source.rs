@@ -203,9 +203,9 @@ impl Database {
         .with_start_lsn(start)
         .with_ack_lsn(start)
         // Acknowledgements reach the server within this interval of a flush (a status
-        // message is a few dozen bytes: ten a second cost nothing, and keep the slot close
-        // behind the log).
-        .with_status_interval(Duration::from_millis(100))
+        // message is a few dozen bytes: forty a second under load cost nothing, and keep the
+        // slot close behind the log).
+        .with_status_interval(Duration::from_millis(25))
         .with_wakeup_interval(Duration::from_secs(5))
         // Events are row changes; this bounds how many wait between the socket and the
         // decoder (a few MB for ordinary rows).
