@@ -357,6 +357,11 @@ fn validate(
         let keys = resolve_keys(&w, &at, env, problems);
         let timeout = parse_duration_field(w.timeout.as_deref(), "timeout", &at, problems)
             .unwrap_or(DEFAULT_TIMEOUT);
+        if timeout.is_zero() || timeout > Duration::from_secs(600) {
+            problems.push(format!(
+                "{at}: timeout must be between 1ms and 10m (default 15s)"
+            ));
+        }
         let retry = match &w.retry {
             None => RetrySchedule::standard(),
             Some(delays) => RetrySchedule::new(
@@ -367,8 +372,15 @@ fn validate(
             ),
         };
         let max_rows = w.max_rows.unwrap_or(DEFAULT_MAX_ROWS);
-        if max_rows == 0 {
-            problems.push(format!("{at}: max_rows must be at least 1"));
+        if max_rows == 0 || max_rows > 100_000 {
+            problems.push(format!(
+                "{at}: max_rows must be between 1 and 100000 (default {DEFAULT_MAX_ROWS})"
+            ));
+        }
+        if w.max_in_flight.is_some_and(|n| n > 1000) {
+            problems.push(format!(
+                "{at}: max_in_flight must be at most 1000 (default {DEFAULT_MAX_IN_FLIGHT})"
+            ));
         }
         let max_in_flight = if w.ordered {
             1
@@ -633,6 +645,21 @@ mod tests {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
         assert!(!all.contains("whsec_C2FV"), "a secret leaked into: {all}");
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        let p = problems(&format!(
+            "[[event]]\nname = \"e\"\ntable = \"t\"\non = [\"insert\"]\n[[webhook]]\nid = \"h\"\nevent = \"e\"\nurl = \"http://127.0.0.1/\"\nsecret = \"{SECRET}\"\ntimeout = \"0s\"\nmax_rows = 0\nmax_in_flight = 5000\n"
+        ));
+        let all = p.join("\n");
+        for needle in [
+            "timeout must be",
+            "max_rows must be",
+            "max_in_flight must be",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
     }
 
     #[test]

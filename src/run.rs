@@ -428,7 +428,6 @@ impl Stream<'_> {
                     };
                     match event {
                         ReplicationEvent::Begin { final_lsn, commit_time_micros, .. } => {
-                            backoff.reset();
                             assembler.begin(final_lsn, commit_time_micros);
                         }
                         ReplicationEvent::XLogData { data, .. } => match assembler.change(&data) {
@@ -438,7 +437,11 @@ impl Stream<'_> {
                             Err(e @ TxnError::Definite(_)) => return Err(RunError::Stream(e.to_string())),
                         },
                         ReplicationEvent::Commit { lsn, end_lsn, .. } => match assembler.commit(lsn, end_lsn) {
+                            // A whole transaction went through: the session works, so the next
+                            // interruption starts the backoff afresh. (Not at Begin: a stream
+                            // that fails at the same place every time must back off.)
                             Ok(Some(committed)) => {
+                                backoff.reset();
                                 if committed.spilled {
                                     for (hook, count) in &committed.ordinals {
                                         self.log.truncate_transaction(hook, lsn.0, *count)?;
