@@ -163,6 +163,10 @@ async fn check_command(args: CheckArgs) -> ExitCode {
         Ok(db) => match db.connect().await {
             Err(e) => problems.push(format!("cannot connect to {}: {e}", db.describe())),
             Ok(client) => {
+                // Only for a role that may replicate: otherwise that is the problem to report.
+                if source::may_replicate(&client).await.unwrap_or(false) {
+                    problems.extend(source::check_replication_connection(&db).await);
+                }
                 // An invalid config still names its tables: check them in the same run.
                 let tables = config
                     .as_ref()

@@ -547,3 +547,35 @@ pub async fn identify(
         .map(|row| row.get(0));
     Ok((system, database))
 }
+
+/// Whether the connected role may stream replication (REPLICATION or superuser).
+pub async fn may_replicate(client: &tokio_postgres::Client) -> Result<bool, SourceError> {
+    Ok(client
+        .query_one(
+            "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// Opens a replication session and asks IDENTIFY_SYSTEM, as `run` will: catches a server
+/// that admits SQL but no walsender (max_wal_senders used up or 0). `None` when it works.
+pub async fn check_replication_connection(db: &Database) -> Option<String> {
+    let config = db.replication("walhook_check", "walhook_check", Lsn::ZERO);
+    let attempt = async {
+        let mut client = pgwire_replication::ReplicationClient::connect_gated(config).await?;
+        client.identify_system().await
+    };
+    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(format!(
+            "a replication connection to {} is refused ({e}); max_wal_senders must leave a sender free for walhook (see sql/settings.sql)",
+            db.describe()
+        )),
+        Err(_) => Some(format!(
+            "a replication connection to {} did not answer within 10 s",
+            db.describe()
+        )),
+    }
+}

@@ -3,7 +3,10 @@
 use tracing_subscriber::EnvFilter;
 
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // pgwire-replication logs an ERROR for every session that ends with an error; walhook
+    // reports those itself (as a retry warning or a definite error), so it is quiet by default.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,pgwire_replication=off"));
     // A second init (tests calling the library twice) is harmless: keep the first.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -481,3 +481,15 @@ async fn run_refuses_an_invalidated_slot() {
     ]);
     assert!(out.took < FAST, "took {:?}", out.took);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_a_free_wal_sender() {
+    let s = Scenario::new(ITEMS, GOOD).await;
+    s.pg.exec("ALTER SYSTEM SET max_wal_senders = 0").await;
+    s.pg.restart();
+    check(&s, &s.pg.url(), &[]).await.single_error(&[
+        "replication connection",
+        "refused",
+        "max_wal_senders",
+    ]);
+}
