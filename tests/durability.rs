@@ -740,20 +740,21 @@ async fn an_unreachable_database_at_start_is_waited_for() {
     assert_eq!(received_groups(&bodies_by_id(&got)), expected_groups(&txns));
 }
 
-/// SIGTERM, and a clean exit.
-async fn stop_cleanly(walhook: &mut Walhook) {
-    walhook.sigterm();
-    let status = walhook.wait_exit(WAIT).await.expect("walhook exits");
-    assert!(status.success(), "exit status {status}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_data_dir_is_refused_for_another_database() {
+/// A scenario whose walhook delivered one insert (row 1) and then stopped cleanly.
+async fn delivered_one_then_stopped() -> Scenario {
     let s = Scenario::new(ITEMS, CONFIG).await;
     let mut walhook = s.start_walhook().await;
     s.pg.exec("INSERT INTO items VALUES (1, 1)").await;
     s.receiver.wait_for_count(1, WAIT).await;
-    stop_cleanly(&mut walhook).await;
+    walhook.sigterm();
+    let status = walhook.wait_exit(WAIT).await.expect("walhook exits");
+    assert!(status.success(), "exit status {status}");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_is_refused_for_another_database() {
+    let s = delivered_one_then_stopped().await;
 
     // Another cluster (its own initdb: another system identifier), same table.
     let other = PgCluster::start_fresh();
@@ -791,11 +792,7 @@ async fn a_data_dir_is_refused_for_another_database() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_column_renamed_while_stopped_does_not_wedge_the_stream() {
-    let s = Scenario::new(ITEMS, CONFIG).await;
-    let mut walhook = s.start_walhook().await;
-    s.pg.exec("INSERT INTO items VALUES (1, 1)").await;
-    s.receiver.wait_for_count(1, WAIT).await;
-    stop_cleanly(&mut walhook).await;
+    let s = delivered_one_then_stopped().await;
 
     // While walhook is stopped: a change under the old column name, the rename, a change
     // under the new one. On restart the catalog has the new name, the stream starts with
