@@ -220,7 +220,14 @@ impl Assembler {
         if txn.skip {
             return Ok(None);
         }
-        let (notifications, ordinals) = txn.grouper.finish(&txn.ctx);
+        let (notifications, mut ordinals) = txn.grouper.finish(&txn.ctx);
+        if txn.spilled {
+            // Every webhook's count, zero included: an earlier, interrupted pass under another
+            // config may have spilled chunks for a webhook that gets none now.
+            for sub in self.tables.values().flat_map(|t| &t.subscriptions) {
+                ordinals.entry(sub.hook_id.clone()).or_insert(0);
+            }
+        }
         self.logged_through = commit_lsn.0;
         Ok(Some(Committed {
             notifications,
