@@ -187,6 +187,30 @@ async fn check_command(args: CheckArgs) -> ExitCode {
             }
         },
     }
+    // Classification events must name a classification file.
+    for t in config.iter().flat_map(|c| &c.transitions) {
+        match &classifications {
+            None => problems.push(format!(
+                "event {:?} names classification {:?}: pass --classifications DIR with {}.sql in it",
+                t.name, t.classification, t.classification
+            )),
+            Some((dir, found)) if !found.iter().any(|c| c.name == t.classification) => {
+                problems.push(format!(
+                    "event {:?} names classification {:?}, but {} holds no {}.sql (it has: {})",
+                    t.name,
+                    t.classification,
+                    dir.display(),
+                    t.classification,
+                    found
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
+            Some(_) => {}
+        }
+    }
     if let Some((dir, found)) = &classifications {
         // The files are checked so they are ready, but `run` cannot evaluate them yet.
         problems.push(format!(

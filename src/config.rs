@@ -30,10 +30,43 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 #[derive(Debug, Clone)]
 pub struct Config {
     pub events: Vec<Event>,
+    /// Classification events (`classification`, `from`, `to`).
+    pub transitions: Vec<TransitionEvent>,
     pub webhooks: Vec<Webhook>,
     /// Delivered notifications, with their attempts, are pruned this long after delivery.
     /// Pending and dead ones are kept.
     pub retention: Duration,
+}
+
+/// A classification event: a row's value of a classification going from one state to
+/// another in a committed transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransitionEvent {
+    pub name: String,
+    pub classification: String,
+    pub from: Side,
+    pub to: Side,
+}
+
+/// One side of a transition: a row's value (`null`: the row does not exist), or any of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    True,
+    False,
+    Null,
+    Any,
+}
+
+impl Side {
+    fn parse(s: &str) -> Option<Side> {
+        match s {
+            "true" => Some(Side::True),
+            "false" => Some(Side::False),
+            "null" => Some(Side::Null),
+            "any" => Some(Side::Any),
+            _ => None,
+        }
+    }
 }
 
 /// A mutation event: which table, which operations.
@@ -171,8 +204,11 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawEvent {
     name: String,
-    table: String,
-    on: Vec<String>,
+    table: Option<String>,
+    on: Option<Vec<String>>,
+    classification: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -254,7 +290,7 @@ impl Config {
         let mut tables: Vec<TableName> = raw
             .events
             .iter()
-            .filter_map(|e| TableName::parse(&e.table))
+            .filter_map(|e| e.table.as_deref().and_then(TableName::parse))
             .collect();
         tables.sort();
         tables.dedup();
@@ -269,6 +305,7 @@ fn validate(
     problems: &mut Vec<String>,
 ) -> Config {
     let mut events = Vec::new();
+    let mut transitions = Vec::new();
     let mut event_names = HashSet::new();
     for (i, e) in raw.events.into_iter().enumerate() {
         let at = format!("{origin}: [[event]] #{} ({:?})", i + 1, e.name);
@@ -282,15 +319,31 @@ fn validate(
                 "{at}: another event has the same name; give each event a unique name"
             ));
         }
-        let table = TableName::parse(&e.table);
+        if let Some(classification) = &e.classification {
+            if let Some(t) = transition(&e, classification, &at, problems) {
+                transitions.push(t);
+            }
+            continue;
+        }
+        let (Some(table_text), Some(on)) = (&e.table, &e.on) else {
+            problems.push(format!(
+                "{at}: an event needs `table` and `on` (a row event), or `classification`, `from` and `to` (a classification event)"
+            ));
+            continue;
+        };
+        if e.from.is_some() || e.to.is_some() {
+            problems.push(format!(
+                "{at}: `from` and `to` belong to classification events; remove them or name a `classification` instead of `table`/`on`"
+            ));
+        }
+        let table = TableName::parse(table_text);
         if table.is_none() {
             problems.push(format!(
-                "{at}: table {:?} is not a table name; write it as \"schema.table\"",
-                e.table
+                "{at}: table {table_text:?} is not a table name; write it as \"schema.table\""
             ));
         }
         let mut ops = Vec::new();
-        for op in &e.on {
+        for op in on {
             match Op::parse(op) {
                 Some(op) if !ops.contains(&op) => ops.push(op),
                 Some(_) => {}
@@ -299,7 +352,7 @@ fn validate(
                 )),
             }
         }
-        if e.on.is_empty() {
+        if on.is_empty() {
             problems.push(format!(
                 "{at}: `on` is empty; list the operations to notify, e.g. on = [\"insert\", \"update\", \"delete\"]"
             ));
@@ -426,9 +479,56 @@ fn validate(
 
     Config {
         events,
+        transitions,
         webhooks,
         retention,
     }
+}
+
+/// Validates a classification event's `from`/`to`.
+fn transition(
+    e: &RawEvent,
+    classification: &str,
+    at: &str,
+    problems: &mut Vec<String>,
+) -> Option<TransitionEvent> {
+    if e.table.is_some() || e.on.is_some() {
+        problems.push(format!(
+            "{at}: a classification event takes no `table` or `on` (the classification's SQL names its table); remove them"
+        ));
+    }
+    let side = |value: &Option<String>, key: &str, problems: &mut Vec<String>| {
+        match value {
+        None => {
+            problems.push(format!(
+                "{at}: `{key}` is missing; set it to \"true\", \"false\", \"null\" or \"any\""
+            ));
+            None
+        }
+        Some(v) => Side::parse(v).or_else(|| {
+            problems.push(format!(
+                "{at}: `{key}` is {v:?}; use \"true\", \"false\", \"null\" (the row does not exist) or \"any\""
+            ));
+            None
+        }),
+    }
+    };
+    let from = side(&e.from, "from", problems);
+    let to = side(&e.to, "to", problems);
+    let (from, to) = (from?, to?);
+    if from == to && from != Side::Any {
+        problems.push(format!(
+            "{at}: from and to are both {:?}, so the event can never fire (a transition changes the value); pick different values or \"any\"",
+            e.from.as_deref().unwrap_or_default()
+        ));
+        return None;
+    }
+    Some(TransitionEvent {
+        name: e.name.clone(),
+        classification: classification.to_string(),
+        from,
+        to,
+    })
 }
 
 fn resolve_keys(
@@ -645,6 +745,56 @@ mod tests {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
         assert!(!all.contains("whsec_C2FV"), "a secret leaked into: {all}");
+    }
+
+    #[test]
+    fn classification_events_are_validated() {
+        let hook = format!(
+            "[[webhook]]\nid = \"h\"\nevent = \"became_active\"\nurl = \"http://127.0.0.1/\"\nsecret = \"{SECRET}\"\n"
+        );
+        let config = load(&format!(
+            "[[event]]\nname = \"became_active\"\nclassification = \"customer_active\"\nfrom = \"false\"\nto = \"true\"\n{hook}"
+        ))
+        .expect("valid");
+        assert_eq!(
+            config.transitions,
+            vec![TransitionEvent {
+                name: "became_active".into(),
+                classification: "customer_active".into(),
+                from: Side::False,
+                to: Side::True,
+            }]
+        );
+        assert!(config.events.is_empty());
+        assert!(load(&format!(
+            "[[event]]\nname = \"became_active\"\nclassification = \"c\"\nfrom = \"any\"\nto = \"any\"\n{hook}"
+        ))
+        .is_ok());
+        for (event, needle) in [
+            (
+                "classification = \"c\"\nfrom = \"yes\"\nto = \"true\"",
+                "`from` is \"yes\"",
+            ),
+            ("classification = \"c\"\nto = \"true\"", "`from` is missing"),
+            (
+                "classification = \"c\"\nfrom = \"true\"\nto = \"true\"",
+                "can never fire",
+            ),
+            (
+                "classification = \"c\"\ntable = \"t\"\nfrom = \"null\"\nto = \"true\"",
+                "takes no `table`",
+            ),
+            ("table = \"t\"", "needs `table` and `on`"),
+            (
+                "table = \"t\"\non = [\"insert\"]\nfrom = \"true\"",
+                "belong to classification events",
+            ),
+        ] {
+            let p = problems(&format!(
+                "[[event]]\nname = \"became_active\"\n{event}\n{hook}"
+            ));
+            assert!(p.join("\n").contains(needle), "{event:?}: {p:?}");
+        }
     }
 
     #[test]

@@ -106,6 +106,12 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
     let config = Config::load(&opts.config, |name| std::env::var(name).ok())
         .map_err(|e| RunError::Config(e.to_string()))?;
     reject_classifications(&opts)?;
+    if let Some(t) = config.transitions.first() {
+        return Err(RunError::Config(format!(
+            "event {:?} is a classification event (classification {:?}): this version of walhook cannot evaluate classifications yet; remove the event to run",
+            t.name, t.classification
+        )));
+    }
     let db = Database::parse(&opts.database_url)?;
     std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
         RunError::Config(format!(

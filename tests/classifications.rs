@@ -134,3 +134,52 @@ async fn each_bad_file_is_named_with_its_line_and_fix() {
     // Six bad files, plus the line saying `run` cannot evaluate classifications yet.
     assert_eq!(errors.len(), 7, "{errors:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classification_events_must_name_a_classification_file() {
+    let config = r#"
+[[event]]
+name = "became_active"
+classification = "customer_active"
+from = "false"
+to = "true"
+
+[[event]]
+name = "typo"
+classification = "customer_actve"
+from = "any"
+to = "null"
+
+[[webhook]]
+id = "crm"
+event = "became_active"
+url = "{receiver}/hooks"
+secret = "{secret}"
+"#;
+    let s = Scenario::new(SCHEMA, config).await;
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/classifications");
+    let (ok, errors) = check(&s, &examples).await;
+    assert!(!ok);
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(
+        errors.iter().any(|e| e.contains("\"typo\"")
+            && e.contains("no customer_actve.sql")
+            && e.contains("customer_active")),
+        "{errors:#?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("cannot evaluate classifications yet")),
+        "{errors:#?}"
+    );
+    // `run` refuses classification events for now, before touching the database.
+    let mut args = s.run_args();
+    args.extend([
+        "--classifications".to_string(),
+        examples.display().to_string(),
+    ]);
+    let (status, _, stderr) = run_to_completion(&args, &[], WAIT).await;
+    assert!(!status.success());
+    assert!(stderr.contains("walhook: error:"), "{stderr}");
+}
