@@ -54,7 +54,7 @@ struct RunArgs {
     /// Config file (TOML).
     #[arg(long, env = "WALHOOK_CONFIG")]
     config: PathBuf,
-    /// Directory of classification SQL files (not implemented yet).
+    /// Directory of classification SQL files (DIR/NAME.sql defines classification NAME).
     #[arg(long, env = "WALHOOK_CLASSIFICATIONS")]
     classifications: Option<PathBuf>,
 }
@@ -70,7 +70,7 @@ struct CheckArgs {
     /// Also check this publication (`run` creates it when missing).
     #[arg(long, env = "WALHOOK_PUBLICATION")]
     publication: Option<String>,
-    /// Directory of classification SQL files (not implemented yet).
+    /// Directory of classification SQL files (DIR/NAME.sql defines classification NAME).
     #[arg(long, env = "WALHOOK_CLASSIFICATIONS")]
     classifications: Option<PathBuf>,
 }
@@ -168,10 +168,18 @@ async fn check_command(args: CheckArgs) -> ExitCode {
                     problems.extend(source::check_replication_connection(&db).await);
                 }
                 // An invalid config still names its tables: check them in the same run.
-                let tables = config
+                let mut tables = config
                     .as_ref()
                     .map(Config::tables)
                     .unwrap_or_else(|| Config::tables_named_in(&args.config));
+                // Classified tables are published too.
+                if let (Some(config), Some((_, found))) = (&config, &classifications) {
+                    for c in classify::used(&config.transitions, found) {
+                        if !tables.contains(&c.table) {
+                            tables.push(c.table.clone());
+                        }
+                    }
+                }
                 if let Err(e) =
                     check_database(&client, &tables, args.publication.as_deref(), &mut problems)
                         .await
@@ -188,37 +196,12 @@ async fn check_command(args: CheckArgs) -> ExitCode {
         },
     }
     // Classification events must name a classification file.
-    for t in config.iter().flat_map(|c| &c.transitions) {
-        match &classifications {
-            None => problems.push(format!(
-                "event {:?} names classification {:?}: pass --classifications DIR with {}.sql in it",
-                t.name, t.classification, t.classification
-            )),
-            Some((dir, found)) if !found.iter().any(|c| c.name == t.classification) => {
-                problems.push(format!(
-                    "event {:?} names classification {:?}, but {} holds no {}.sql (it has: {})",
-                    t.name,
-                    t.classification,
-                    dir.display(),
-                    t.classification,
-                    found
-                        .iter()
-                        .map(|c| c.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            }
-            Some(_) => {}
-        }
-    }
-    if let Some((dir, found)) = &classifications {
-        // The files are checked so they are ready, but `run` cannot evaluate them yet.
-        problems.push(format!(
-            "--classifications {}: {} classification file(s) read, but this version of walhook cannot evaluate classifications yet (walhook run refuses the flag); remove it to run",
-            dir.display(),
-            found.len()
-        ));
-    }
+    problems.extend(classify::check_events(
+        config.iter().flat_map(|c| &c.transitions),
+        classifications
+            .as_ref()
+            .map(|(dir, found)| (dir.as_path(), found.as_slice())),
+    ));
     if problems.is_empty() {
         println!("ok: config and database are ready for walhook run");
         ExitCode::SUCCESS

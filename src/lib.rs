@@ -18,5 +18,6 @@ pub mod run;
 pub mod schema;
 pub mod shutdown;
 pub mod source;
+pub mod state;
 pub mod telemetry;
 pub mod txn;

@@ -12,6 +12,7 @@
 //! b'd' hook \0 lsn ordinal            → delivered at (ms since the Unix epoch)
 //! b'a' hook \0 lsn ordinal attempt    → Attempt record
 //! b'm' "position"                     → commit LSN and end LSN of the last logged transaction
+//! b's' ... , b'c' ...                  → the row state store (see `crate::state`)
 //! ```
 //!
 //! Progress invariant: the position key is written in the same batch as the last
@@ -255,7 +256,25 @@ impl Log {
         position: Option<Position>,
         now_ms: u64,
     ) -> Result<(), LogError> {
+        self.append_with_state(notifications, &[], position, now_ms)
+    }
+
+    /// As [`append`](Self::append), with row state writes (`None` removes the key) in the
+    /// same atomic batch.
+    pub fn append_with_state(
+        &self,
+        notifications: &[NewNotification],
+        state: &[(Vec<u8>, Option<Vec<u8>>)],
+        position: Option<Position>,
+        now_ms: u64,
+    ) -> Result<(), LogError> {
         let mut batch = sled::Batch::default();
+        for (key, value) in state {
+            match value {
+                Some(value) => batch.insert(key.as_slice(), value.as_slice()),
+                None => batch.remove(key.as_slice()),
+            }
+        }
         let status = Status {
             attempts: 0,
             round_failures: 0,
@@ -303,6 +322,52 @@ impl Log {
             self.tree.apply_batch(batch)?;
         }
         Ok(())
+    }
+
+    /// One raw entry (the row state store's keys live beside the log's).
+    pub(crate) fn get_raw(&self, key: &[u8]) -> Result<Option<sled::IVec>, LogError> {
+        Ok(self.tree.get(key)?)
+    }
+
+    /// Raw entries whose key starts with `prefix`, in key order, from `from` on.
+    pub(crate) fn scan_raw(
+        &self,
+        prefix: &[u8],
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(sled::IVec, sled::IVec)>, LogError> {
+        let mut out = Vec::new();
+        for entry in self.tree.range(from..) {
+            let (key, value) = entry?;
+            if !key.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// Removes every entry whose key starts with `prefix` (in batches; not atomic).
+    pub(crate) fn remove_prefix(&self, prefix: &[u8]) -> Result<usize, LogError> {
+        let mut removed = 0;
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for entry in self.tree.scan_prefix(prefix).keys().take(10_000) {
+                batch.remove(entry?);
+                n += 1;
+            }
+            if n == 0 {
+                return Ok(removed);
+            }
+            self.tree.apply_batch(batch)?;
+            removed += n;
+        }
+    }
+
+    /// Writes raw entries (`None` removes) in one atomic batch.
+    pub(crate) fn write_raw(&self, entries: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), LogError> {
+        self.append_with_state(&[], entries, None, 0)
     }
 
     /// Makes everything written so far durable (one fsync for all of it: group commit).

@@ -22,13 +22,16 @@ use std::time::Duration;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use tokio::sync::watch;
 
+use crate::classify::{self, baseline::baseline, Classification};
 use crate::config::Config;
 use crate::deliver::http::build_client;
 use crate::deliver::queue::Queue;
+use crate::derive::classification::{ClassifiedTable, Classifier, ClassifyError, StagedTxn};
 use crate::log::{now_ms, Log, LogError, NewNotification, Origin, Position};
 use crate::schema::describe_tables;
 use crate::shutdown::{requested, Stop};
 use crate::source::{self, Database, SourceError};
+use crate::state::{self, ClassMeta};
 use crate::txn::{Assembler, TxnError};
 
 /// What `walhook run` needs.
@@ -105,13 +108,7 @@ impl Backoff {
 pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
     let config = Config::load(&opts.config, |name| std::env::var(name).ok())
         .map_err(|e| RunError::Config(e.to_string()))?;
-    reject_classifications(&opts)?;
-    if let Some(t) = config.transitions.first() {
-        return Err(RunError::Config(format!(
-            "event {:?} is a classification event (classification {:?}): this version of walhook cannot evaluate classifications yet; remove the event to run",
-            t.name, t.classification
-        )));
-    }
+    let classifications = load_classifications(&opts, &config)?;
     let db = Database::parse(&opts.database_url)?;
     std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
         RunError::Config(format!(
@@ -120,13 +117,18 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
         ))
     })?;
     let log = Log::open(&opts.data_dir)?;
-    let tables = config.tables();
+    let mut tables = config.tables();
+    for c in &classifications {
+        if !tables.contains(&c.table) {
+            tables.push(c.table.clone());
+        }
+    }
 
     // Prerequisites, publication and slot. Unreachable or restarting servers are waited
     // for; anything else is a problem for the user to fix.
     let mut backoff = Backoff::new();
-    let (infos, confirmed) = loop {
-        match prepare(&db, &opts, &tables, &log).await {
+    let (infos, confirmed, classified) = loop {
+        match prepare(&db, &opts, &tables, &log, &config, &classifications).await {
             Ok(ready) => break ready,
             Err(PrepareError::Definite(e)) => return Err(RunError::Source(e)),
             Err(PrepareError::Transient(e)) => {
@@ -167,11 +169,12 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
         ))
     });
 
-    let mut assembler = Assembler::new(&config, &infos, position.commit_lsn);
+    let mut assembler = Assembler::new(&config, &infos, &classified, position.commit_lsn);
     let mut stream = Stream {
         db: &db,
         opts: &opts,
         log: &log,
+        classifier: Classifier::new(classified, db.clone()),
         acked: confirmed,
         durable_tx,
     };
@@ -215,24 +218,35 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
     result
 }
 
-fn reject_classifications(opts: &RunOptions) -> Result<(), RunError> {
-    let Some(dir) = &opts.classifications else {
-        return Ok(());
+/// The classifications the config's events use, read from `--classifications`.
+fn load_classifications(
+    opts: &RunOptions,
+    config: &Config,
+) -> Result<Vec<Classification>, RunError> {
+    let (found, mut problems) = match &opts.classifications {
+        Some(dir) => classify::load_dir(dir),
+        None => (Vec::new(), Vec::new()),
     };
-    let has_sql = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .any(|e| e.path().extension().is_some_and(|x| x == "sql"))
-        })
-        .unwrap_or(false);
-    if has_sql {
-        return Err(RunError::Config(format!(
-            "--classifications {}: classification events are not implemented in this version of walhook; remove the flag",
-            dir.display()
-        )));
+    problems.extend(classify::check_events(
+        &config.transitions,
+        opts.classifications
+            .as_deref()
+            .map(|dir| (dir, found.as_slice())),
+    ));
+    if !problems.is_empty() {
+        return Err(RunError::Config(problems.join("\n")));
     }
-    Ok(())
+    let used: Vec<Classification> = classify::used(&config.transitions, &found)
+        .into_iter()
+        .cloned()
+        .collect();
+    for c in found
+        .iter()
+        .filter(|c| !used.iter().any(|u| u.name == c.name))
+    {
+        tracing::info!(classification = %c.name, "no event uses this classification; it is not evaluated");
+    }
+    Ok(used)
 }
 
 enum PrepareError {
@@ -252,6 +266,7 @@ impl From<SourceError> for PrepareError {
 type Prepared = (
     std::collections::BTreeMap<crate::config::TableName, crate::schema::TableInfo>,
     Lsn,
+    Vec<ClassifiedTable>,
 );
 
 async fn prepare(
@@ -259,6 +274,8 @@ async fn prepare(
     opts: &RunOptions,
     tables: &[crate::config::TableName],
     log: &Log,
+    config: &Config,
+    classifications: &[Classification],
 ) -> Result<Prepared, PrepareError> {
     let client = db.connect().await?;
     let mut problems = source::check_server(&client).await?;
@@ -266,6 +283,7 @@ async fn prepare(
         .await
         .map_err(SourceError::from)?;
     problems.extend(table_problems);
+    problems.extend(classify::validate(&client, classifications).await?);
     if !problems.is_empty() {
         return Err(PrepareError::Definite(problems.join("\n")));
     }
@@ -277,7 +295,16 @@ async fn prepare(
     };
     check_origin(log, &origin, &opts.data_dir).map_err(PrepareError::Definite)?;
     source::ensure_publication(&client, &opts.publication, tables).await?;
+    let mut classified = classify::plan(&client, config, classifications, &infos).await?;
+    // With classifications, a missing slot is created with an exported snapshot: their
+    // baseline is read from exactly the state the stream starts after.
+    let mut exported = None;
+    let missing = !source::slot_exists(&client, &opts.slot).await?;
+    if missing && !classified.is_empty() {
+        exported = Some(source::create_slot_exporting(db, &opts.slot, false).await?);
+    }
     let (confirmed, created) = source::ensure_slot(&client, &opts.slot).await?;
+    let created = created || exported.is_some();
     if let Some(position) = log
         .position()
         .map_err(|e| PrepareError::Definite(e.to_string()))?
@@ -298,7 +325,114 @@ async fn prepare(
         log.set_origin(&origin)
             .map_err(|e| PrepareError::Definite(e.to_string()))?;
     }
-    Ok((infos, confirmed))
+    baselines(
+        db,
+        opts,
+        log,
+        &infos,
+        &mut classified,
+        classifications,
+        exported,
+        created,
+    )
+    .await?;
+    Ok((infos, confirmed, classified))
+}
+
+/// Brings every classification's state up to date: a classification that is new, whose SQL
+/// changed, or whose stream was replaced (a new slot) is baselined from a snapshot, without
+/// events; the state of classifications no event uses any more is dropped (its stream
+/// stops maintaining it, so it would be stale if they came back).
+#[allow(clippy::too_many_arguments)]
+async fn baselines(
+    db: &Database,
+    opts: &RunOptions,
+    log: &Log,
+    infos: &std::collections::BTreeMap<crate::config::TableName, crate::schema::TableInfo>,
+    classified: &mut [ClassifiedTable],
+    classifications: &[Classification],
+    mut exported: Option<source::ExportedSnapshot>,
+    slot_created: bool,
+) -> Result<(), PrepareError> {
+    let definite = |e: LogError| PrepareError::Definite(e.to_string());
+    let classify_error = |e: ClassifyError| match e {
+        ClassifyError::Transient(m) => PrepareError::Transient(m),
+        e => PrepareError::Definite(e.to_string()),
+    };
+    // Forget classifications that are no longer evaluated.
+    let meta_prefix = state::meta_prefix();
+    for (key, _) in log
+        .scan_raw(&meta_prefix, &meta_prefix, usize::MAX)
+        .map_err(definite)?
+    {
+        let name = String::from_utf8_lossy(&key[1..]).into_owned();
+        if !classified
+            .iter()
+            .any(|t| t.classes.iter().any(|c| c.name == name))
+        {
+            log.write_raw(&[(key.to_vec(), None)]).map_err(definite)?;
+            log.remove_prefix(&state::class_prefix(&name))
+                .map_err(definite)?;
+            tracing::info!(classification = %name, "dropped the state of a classification no event uses");
+        }
+    }
+    // Which need a baseline, and which are current.
+    let mut needed = Vec::new();
+    for (t, table) in classified.iter_mut().enumerate() {
+        for (c, class) in table.classes.iter_mut().enumerate() {
+            let Some(definition) = classifications.iter().find(|d| d.name == class.name) else {
+                continue;
+            };
+            let fingerprint = classify::fingerprint(definition);
+            let stored: Option<ClassMeta> = log
+                .get_raw(&state::meta_key(&class.name))
+                .map_err(definite)?
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            match stored {
+                Some(meta) if meta.fingerprint == fingerprint && !slot_created => {
+                    class.active_from = meta.active_from;
+                }
+                _ => needed.push((t, c, fingerprint)),
+            }
+        }
+    }
+    if needed.is_empty() {
+        return Ok(());
+    }
+    // The main slot was just created with a snapshot: the whole stream comes after it.
+    // Otherwise a temporary slot marks the point S the baseline shows; the stream (always
+    // behind S) applies the classification to transactions from S on.
+    let main = exported.is_some();
+    if exported.is_none() {
+        let name = format!("{}_baseline_{}", opts.slot, std::process::id());
+        exported = Some(source::create_slot_exporting(db, &name, true).await.map_err(|e| match e {
+            SourceError::Definite(m) => PrepareError::Definite(format!(
+                "cannot create a temporary replication slot for the classification baseline ({m}); max_replication_slots must leave one slot free for it"
+            )),
+            e => e.into(),
+        })?);
+    }
+    let Some(snapshot) = exported else {
+        return Ok(());
+    };
+    let active_from = if main { 0 } else { snapshot.lsn.0 };
+    for (t, c, fingerprint) in needed {
+        let table = &classified[t];
+        let Some(info) = infos.get(&table.table) else {
+            continue;
+        };
+        let meta = ClassMeta {
+            fingerprint,
+            active_from,
+        };
+        baseline(db, &snapshot.name, log, table, c, &info.key, &meta)
+            .await
+            .map_err(classify_error)?;
+        classified[t].classes[c].active_from = active_from;
+    }
+    log.flush().await.map_err(definite)?;
+    drop(snapshot);
+    Ok(())
 }
 
 /// Notification ids are WAL positions of one database: a data dir serves one database for
@@ -338,6 +472,7 @@ struct Stream<'a> {
     db: &'a Database,
     opts: &'a RunOptions,
     log: &'a Log,
+    classifier: Classifier,
     /// The highest position reported to the server. Never moves backwards, across sessions
     /// too: a new session starts here.
     acked: Lsn,
@@ -354,7 +489,9 @@ impl Stream<'_> {
     async fn run(&mut self, assembler: &mut Assembler, stop: &mut Stop) -> Result<(), RunError> {
         let mut backoff = Backoff::new();
         loop {
-            assembler.reset();
+            // Committed transactions not written yet are streamed again.
+            let logged = self.log.position()?.map_or(0, |p| p.commit_lsn);
+            assembler.reset(logged);
             match self.session(assembler, stop, &mut backoff).await? {
                 SessionEnd::Stopped => return Ok(()),
                 SessionEnd::Failed(e) if e.is_transient() => {
@@ -454,7 +591,11 @@ impl Stream<'_> {
                                     }
                                 }
                                 if staged.push(committed) {
-                                    applied = staged.write(self.log)?;
+                                    match staged.write(self.log, &mut self.classifier).await {
+                                        Ok(position) => applied = position,
+                                        Err(ClassifyError::Transient(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
+                                        Err(e) => return Err(RunError::Stream(e.to_string())),
+                                    }
                                     applied_tx.send_replace(applied);
                                 }
                             }
@@ -484,16 +625,29 @@ impl Stream<'_> {
                 }
                 // Nothing else is ready: write the staged transactions.
                 _ = std::future::ready(()), if !staged.is_empty() => {
-                    applied = staged.write(self.log)?;
+                    match staged.write(self.log, &mut self.classifier).await {
+                        Ok(position) => applied = position,
+                        Err(ClassifyError::Transient(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
+                        Err(e) => return Err(RunError::Stream(e.to_string())),
+                    }
                     applied_tx.send_replace(applied);
                 }
             }
         };
         // Transactions staged when the loop ended are complete: write them too (nothing was
-        // acknowledged for them, so dropping them would be safe as well).
+        // acknowledged for them, so dropping them is safe as well: the next session streams
+        // them again).
         if !staged.is_empty() {
-            applied = staged.write(self.log)?;
-            applied_tx.send_replace(applied);
+            match staged.write(self.log, &mut self.classifier).await {
+                Ok(position) => {
+                    applied = position;
+                    applied_tx.send_replace(applied);
+                }
+                Err(ClassifyError::Transient(m)) => {
+                    tracing::warn!(error = %m, "classifications could not be evaluated; the transactions will be streamed again");
+                }
+                Err(e) => return Err(RunError::Stream(e.to_string())),
+            }
         }
 
         // Flush what this session appended, then acknowledge it before closing.
@@ -527,6 +681,9 @@ impl Stream<'_> {
 #[derive(Default)]
 struct Staged {
     notifications: Vec<NewNotification>,
+    /// Transactions that touched classified tables, evaluated when the group is written.
+    classified: Vec<StagedTxn>,
+    classified_rows: usize,
     position: Option<Position>,
     transactions: usize,
 }
@@ -539,25 +696,51 @@ impl Staged {
     /// Adds a transaction; true when the group is full and must be written now.
     fn push(&mut self, committed: crate::txn::Committed) -> bool {
         self.notifications.extend(committed.notifications);
+        if !committed.changes.is_empty() {
+            self.classified_rows += committed.changes.rows();
+            self.classified.push(StagedTxn {
+                ctx: committed.ctx,
+                changes: committed.changes,
+            });
+        }
         self.position = Some(committed.position);
         self.transactions += 1;
-        self.notifications.len() >= GROUP_NOTIFICATIONS || self.transactions >= GROUP_TRANSACTIONS
+        self.notifications.len() >= GROUP_NOTIFICATIONS
+            || self.transactions >= GROUP_TRANSACTIONS
+            || self.classified_rows >= GROUP_CLASSIFIED_ROWS
     }
 
-    /// Writes the group in one batch; returns the position it reached.
-    fn write(&mut self, log: &Log) -> Result<Option<Position>, LogError> {
+    /// Evaluates the group's classifications, then writes it in one batch; returns the
+    /// position it reached. On an error nothing is written and the group is dropped (it was
+    /// not acknowledged: the stream sends it again).
+    async fn write(
+        &mut self,
+        log: &Log,
+        classifier: &mut Classifier,
+    ) -> Result<Option<Position>, ClassifyError> {
         let position = self.position.take();
-        log.append(&self.notifications, position, now_ms())?;
-        self.notifications.clear();
+        let classified = std::mem::take(&mut self.classified);
+        let notifications = std::mem::take(&mut self.notifications);
         self.transactions = 0;
+        self.classified_rows = 0;
+        let (transitions, state) = classifier.evaluate(&classified, log).await?;
+        if transitions.is_empty() {
+            log.append_with_state(&notifications, &state, position, now_ms())?;
+        } else {
+            let mut all = notifications;
+            all.extend(transitions);
+            log.append_with_state(&all, &state, position, now_ms())?;
+        }
         Ok(position)
     }
 }
 
 /// At most this many notifications of committed transactions wait to be written as one batch,
 const GROUP_NOTIFICATIONS: usize = 256;
-/// and at most this many committed transactions (some have no notifications).
+/// and at most this many committed transactions (some have no notifications),
 const GROUP_TRANSACTIONS: usize = 1024;
+/// and at most this many touched rows of classified tables (evaluated together).
+const GROUP_CLASSIFIED_ROWS: usize = 4096;
 
 /// Flushes the log whenever transactions were appended, then publishes the commit LSN the
 /// flush covered. Ends (after a last flush) when the session drops `applied`.

@@ -8,7 +8,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use pgwire_replication::{Lsn, PgWireError, ReplicationConfig};
+use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig};
 use tokio_postgres::config::Host;
 use tokio_postgres::NoTls;
 
@@ -578,4 +578,59 @@ pub async fn check_replication_connection(db: &Database) -> Option<String> {
             db.describe()
         )),
     }
+}
+
+/// A replication slot created with an exported snapshot: the snapshot shows the database
+/// exactly as of the slot's consistent point, and stays usable (`SET TRANSACTION SNAPSHOT`)
+/// while `session` is open. Dropping it ends the session (and a temporary slot with it).
+pub struct ExportedSnapshot {
+    pub session: ReplicationClient,
+    /// The slot's consistent point: transactions committed from here on are streamed,
+    /// earlier ones are in the snapshot.
+    pub lsn: Lsn,
+    pub name: String,
+}
+
+/// Creates logical slot `slot` (pgoutput) on a gated replication session, exporting its
+/// snapshot. A temporary slot lives only as long as the session.
+pub async fn create_slot_exporting(
+    db: &Database,
+    slot: &str,
+    temporary: bool,
+) -> Result<ExportedSnapshot, SourceError> {
+    let config = db.replication(slot, "walhook_unused", Lsn::ZERO);
+    let mut session = ReplicationClient::connect_gated(config).await?;
+    let command = format!(
+        "CREATE_REPLICATION_SLOT {} {}LOGICAL pgoutput EXPORT_SNAPSHOT",
+        quote_ident(slot),
+        if temporary { "TEMPORARY " } else { "" }
+    );
+    let rows = session.simple_query(&command).await?;
+    let field = |i: usize| {
+        rows.first()
+            .and_then(|r| r.get(i).cloned().flatten())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .ok_or_else(|| {
+                SourceError::Transient(format!("CREATE_REPLICATION_SLOT returned no field {i}"))
+            })
+    };
+    let lsn = parse_lsn(&field(1)?)?;
+    let name = field(2)?;
+    if temporary {
+        tracing::debug!(slot, %lsn, "created a temporary slot for a baseline");
+    } else {
+        tracing::info!(slot, %lsn, "created logical replication slot");
+    }
+    Ok(ExportedSnapshot { session, lsn, name })
+}
+
+/// Whether slot `slot` exists.
+pub async fn slot_exists(client: &tokio_postgres::Client, slot: &str) -> Result<bool, SourceError> {
+    Ok(!client
+        .query(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .is_empty())
 }

@@ -21,6 +21,7 @@ use pgwire_replication::Lsn;
 use serde_json::Value;
 
 use crate::config::{Config, Op, TableName};
+use crate::derive::classification::{Cell, ClassifiedTable, TxnChanges};
 use crate::derive::mutation::{Grouper, Subscription, TxnContext};
 use crate::log::{NewNotification, Position};
 use crate::pgoutput::{self, Message, Relation, Tuple};
@@ -50,6 +51,8 @@ impl From<pgoutput::DecodeError> for TxnError {
 struct TableRoute {
     key: Vec<KeyColumn>,
     subscriptions: Vec<Subscription>,
+    /// For a classified table: the columns of its row images, by name.
+    image: Option<Vec<String>>,
 }
 
 /// A cached Relation message, resolved against the configured tables.
@@ -58,11 +61,16 @@ struct RelationRoute {
     /// Positions of the primary key columns in the relation's tuples; `None` for tables no
     /// event subscribes to.
     key: Option<Vec<(usize, KeyColumn)>>,
+    /// For a classified table: the position of each image column in the tuples (`None`:
+    /// the relation lacks it, e.g. dropped).
+    image: Option<Vec<Option<usize>>>,
 }
 
 struct OpenTxn {
     ctx: TxnContext,
     grouper: Grouper,
+    /// Row images of classified tables.
+    changes: TxnChanges,
     /// Already in the log (a replay after a crash before the slot was acknowledged).
     skip: bool,
     /// Some notifications were written before the commit.
@@ -78,6 +86,9 @@ pub struct Committed {
     /// log must drop ordinals beyond `ordinals` left by an earlier interrupted pass.
     pub spilled: bool,
     pub ordinals: BTreeMap<String, u32>,
+    pub ctx: TxnContext,
+    /// The classified tables' touched rows, for classification events.
+    pub changes: TxnChanges,
 }
 
 /// Turns the replication stream into committed transactions' notifications.
@@ -93,6 +104,7 @@ impl Assembler {
     pub fn new(
         config: &Config,
         tables: &BTreeMap<TableName, TableInfo>,
+        classified: &[ClassifiedTable],
         logged_through: u64,
     ) -> Assembler {
         let mut routes: HashMap<TableName, TableRoute> = HashMap::new();
@@ -106,6 +118,7 @@ impl Assembler {
                     .or_insert_with(|| TableRoute {
                         key: info.key.clone(),
                         subscriptions: Vec::new(),
+                        image: None,
                     })
                     .subscriptions
                     .push(Subscription {
@@ -117,6 +130,19 @@ impl Assembler {
                     });
             }
         }
+        for c in classified {
+            let Some(info) = tables.get(&c.table) else {
+                continue;
+            };
+            routes
+                .entry(c.table.clone())
+                .or_insert_with(|| TableRoute {
+                    key: info.key.clone(),
+                    subscriptions: Vec::new(),
+                    image: None,
+                })
+                .image = Some(c.columns.iter().map(|(name, _)| name.clone()).collect());
+        }
         Assembler {
             tables: routes,
             relations: HashMap::new(),
@@ -126,10 +152,13 @@ impl Assembler {
     }
 
     /// Forgets the session's state before a reconnect: the server resends Relation messages
-    /// and the interrupted transaction from the slot's confirmed position.
-    pub fn reset(&mut self) {
+    /// and the interrupted transaction from the slot's confirmed position. Transactions after
+    /// `logged_through` (the log's position) are taken again: ones committed but not
+    /// written when the session failed must not be skipped.
+    pub fn reset(&mut self, logged_through: u64) {
         self.relations.clear();
         self.txn = None;
+        self.logged_through = logged_through;
     }
 
     pub fn in_transaction(&self) -> bool {
@@ -146,6 +175,7 @@ impl Assembler {
                 committed_at: humantime::format_rfc3339_micros(committed_at).to_string(),
             },
             grouper: Grouper::default(),
+            changes: TxnChanges::default(),
             skip: final_lsn.0 <= self.logged_through,
             spilled: false,
         });
@@ -186,6 +216,13 @@ impl Assembler {
                         let Some(table) = self.tables.get(&route.table) else {
                             continue;
                         };
+                        if table.image.is_some() {
+                            txn.changes
+                                .tables
+                                .entry(route.table.clone())
+                                .or_default()
+                                .truncate();
+                        }
                         for sub in table.subscriptions.iter().filter(|s| s.wants(Op::Truncate)) {
                             txn.grouper.add_truncate(&route.table, sub);
                         }
@@ -237,6 +274,8 @@ impl Assembler {
             },
             spilled: txn.spilled,
             ordinals,
+            ctx: txn.ctx,
+            changes: txn.changes,
         }))
     }
 
@@ -245,12 +284,20 @@ impl Assembler {
             schema: relation.namespace.clone(),
             name: relation.name.clone(),
         };
-        let key = match self.tables.get(&table) {
-            None => None,
-            Some(route) => Some(key_positions(&table, &route.key, &relation)?),
+        let (key, image) = match self.tables.get(&table) {
+            None => (None, None),
+            Some(route) => (
+                Some(key_positions(&table, &route.key, &relation)?),
+                route.image.as_ref().map(|names| {
+                    names
+                        .iter()
+                        .map(|name| relation.columns.iter().position(|c| &c.name == name))
+                        .collect()
+                }),
+            ),
         };
         self.relations
-            .insert(relation.id, RelationRoute { table, key });
+            .insert(relation.id, RelationRoute { table, key, image });
         Ok(())
     }
 
@@ -281,10 +328,27 @@ impl Assembler {
             .iter()
             .filter(|s| s.wants(op))
             .peekable();
-        if interested.peek().is_none() {
+        if interested.peek().is_none() && route.image.is_none() {
             return Ok(Vec::new());
         }
         let row = row_key(&route.table, key, tuple, old)?;
+        if let Some(positions) = &route.image {
+            let changes = txn.changes.tables.entry(route.table.clone()).or_default();
+            match op {
+                Op::Delete => changes.touch(row.clone(), None),
+                _ => {
+                    // A key change moves the row: the old key's row is gone.
+                    if let Some(old) = old {
+                        if let Ok(old_row) = row_key(&route.table, key, old, None) {
+                            if old_row != row {
+                                changes.touch(old_row, None);
+                            }
+                        }
+                    }
+                    changes.touch(row.clone(), Some(image(positions, tuple, old)));
+                }
+            }
+        }
         for sub in interested {
             txn.grouper
                 .add_row(&txn.ctx, &route.table, sub, op, row.clone());
@@ -347,6 +411,37 @@ fn key_positions(
     )))
 }
 
+/// The image columns of a row: from the new tuple, or for an unchanged TOAST value from the
+/// old tuple when it is a full one (REPLICA IDENTITY FULL); otherwise left for the state
+/// store to fill.
+fn image(positions: &[Option<usize>], tuple: &Tuple, old: Option<&Tuple>) -> Vec<Cell> {
+    let text = |v: &pgoutput::Value| match v {
+        pgoutput::Value::Null => Some(Cell::Null),
+        pgoutput::Value::Text(b) | pgoutput::Value::Binary(b) => {
+            Some(Cell::Text(String::from_utf8_lossy(b).into_owned()))
+        }
+        pgoutput::Value::UnchangedToast => None,
+    };
+    positions
+        .iter()
+        .map(|at| {
+            let Some(at) = *at else {
+                return Cell::Null;
+            };
+            tuple
+                .0
+                .get(at)
+                .and_then(text)
+                .or_else(|| {
+                    old.and_then(|o| o.0.get(at))
+                        .filter(|v| !matches!(v, pgoutput::Value::Null))
+                        .and_then(text)
+                })
+                .unwrap_or(Cell::Unchanged)
+        })
+        .collect()
+}
+
 fn unknown_relation(id: u32) -> TxnError {
     TxnError::Protocol(format!(
         "a change names relation {id} before its Relation message"
@@ -386,7 +481,7 @@ fn row_key(
 }
 
 /// Integers become JSON numbers; everything else keeps PostgreSQL's text form.
-fn key_json(text: &[u8], type_oid: u32) -> Value {
+pub(crate) fn key_json(text: &[u8], type_oid: u32) -> Value {
     const INT8: u32 = 20;
     const INT2: u32 = 21;
     const INT4: u32 = 23;

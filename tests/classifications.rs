@@ -54,14 +54,8 @@ async fn the_shipped_examples_pass_every_check() {
     let s = Scenario::new(SCHEMA, CONFIG).await;
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/classifications");
     let (ok, errors) = check(&s, &examples).await;
-    // The one remaining line says that `run` cannot evaluate classifications yet.
-    assert!(!ok);
-    assert_eq!(errors.len(), 1, "{errors:#?}");
-    assert!(
-        errors[0].contains("3 classification file(s) read")
-            && errors[0].contains("cannot evaluate classifications yet"),
-        "{errors:#?}"
-    );
+    assert!(ok, "{errors:#?}");
+    assert!(errors.is_empty(), "{errors:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,8 +125,8 @@ async fn each_bad_file_is_named_with_its_line_and_fix() {
         errors.iter().all(|e| !e.contains("good.sql")),
         "good.sql was reported: {errors:#?}"
     );
-    // Six bad files, plus the line saying `run` cannot evaluate classifications yet.
-    assert_eq!(errors.len(), 7, "{errors:#?}");
+    // Six bad files, one line each.
+    assert_eq!(errors.len(), 6, "{errors:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,20 +154,15 @@ secret = "{secret}"
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/classifications");
     let (ok, errors) = check(&s, &examples).await;
     assert!(!ok);
-    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert_eq!(errors.len(), 1, "{errors:#?}");
     assert!(
         errors.iter().any(|e| e.contains("\"typo\"")
             && e.contains("no customer_actve.sql")
             && e.contains("customer_active")),
         "{errors:#?}"
     );
-    assert!(
-        errors
-            .iter()
-            .any(|e| e.contains("cannot evaluate classifications yet")),
-        "{errors:#?}"
-    );
-    // `run` refuses classification events for now, before touching the database.
+    // `run` refuses the same config with the same line, before touching the database, and
+    // without --classifications says which flag is missing.
     let mut args = s.run_args();
     args.extend([
         "--classifications".to_string(),
@@ -181,5 +170,15 @@ secret = "{secret}"
     ]);
     let (status, _, stderr) = run_to_completion(&args, &[], WAIT).await;
     assert!(!status.success());
-    assert!(stderr.contains("walhook: error:"), "{stderr}");
+    assert!(
+        stderr.contains("walhook: error:") && stderr.contains("no customer_actve.sql"),
+        "{stderr}"
+    );
+    let (status, _, stderr) = run_to_completion(&s.run_args(), &[], WAIT).await;
+    assert!(!status.success());
+    assert!(stderr.contains("pass --classifications DIR"), "{stderr}");
+    assert!(
+        !s.data_dir().exists(),
+        "nothing was created before the config was refused"
+    );
 }

@@ -45,6 +45,48 @@ pub struct Classification {
     pub recheck: Option<Duration>,
 }
 
+impl Classification {
+    /// The columns of `table_columns` the condition may read: every column whose name
+    /// appears as a word in it (a superset: a word may name another table's column), or all
+    /// of them when the condition uses the whole row (`c`, `c.*`). Only these are kept in the
+    /// row state store and sent for evaluation.
+    pub fn referenced_columns(&self, table_columns: &[String]) -> Vec<String> {
+        let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, &self.predicate).tokenize() else {
+            return table_columns.to_vec();
+        };
+        let own = self
+            .alias
+            .clone()
+            .unwrap_or_else(|| self.table.name.clone());
+        let significant: Vec<&Token> = tokens
+            .iter()
+            .filter(|t| !matches!(t, Token::Whitespace(_)))
+            .collect();
+        let mut words = std::collections::HashSet::new();
+        for (i, token) in significant.iter().enumerate() {
+            let Some(word) = identifier(token) else {
+                continue;
+            };
+            if word == own {
+                let next = significant.get(i + 1);
+                let whole_row = match next {
+                    Some(Token::Period) => matches!(significant.get(i + 2), Some(Token::Mul)),
+                    _ => true,
+                };
+                if whole_row {
+                    return table_columns.to_vec();
+                }
+            }
+            words.insert(word);
+        }
+        table_columns
+            .iter()
+            .filter(|c| words.contains(*c))
+            .cloned()
+            .collect()
+    }
+}
+
 /// Reads every `*.sql` file of `dir`, in name order. Returns the classifications that parse
 /// and one line per problem (file, line, what, fix).
 pub fn load_dir(dir: &Path) -> (Vec<Classification>, Vec<String>) {
@@ -531,6 +573,32 @@ mod tests {
         )
         .expect_err("bad name");
         assert!(e.contains("file name"), "{e}");
+    }
+
+    #[test]
+    fn referenced_columns_are_the_words_of_the_condition() {
+        let columns: Vec<String> = ["id", "status", "Email", "deleted_at", "score"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let c = ok("SELECT id FROM customers c WHERE c.status = 'active' AND \"Email\" <> '' AND deleted_at IS NULL AND EXISTS (SELECT 1 FROM contracts k WHERE k.customer_id = c.id)");
+        assert_eq!(
+            c.referenced_columns(&columns),
+            vec!["id", "status", "Email", "deleted_at"]
+        );
+        // Unquoted names fold to lower case; a quoted one must match exactly.
+        let c = ok("SELECT id FROM customers WHERE EMAIL = 'x' AND customers.Score > 3");
+        assert_eq!(c.referenced_columns(&columns), vec!["score"]);
+        for whole_row in [
+            "SELECT id FROM customers c WHERE row_to_json(c)::text <> ''",
+            "SELECT id FROM customers c WHERE (c.*) IS NOT NULL",
+        ] {
+            assert_eq!(
+                ok(whole_row).referenced_columns(&columns),
+                columns,
+                "{whole_row}"
+            );
+        }
     }
 
     #[test]

@@ -6,44 +6,240 @@
 //! at commit time, where the WHERE condition runs over row images from the WAL:
 //!
 //! ```sql
-//! SELECT c."__walhook_row" FROM (
-//!     SELECT u."__walhook_row", u."c1"::integer AS "id", u."c2"::text AS "status", ...
-//!     FROM unnest($1::int4[], $2::text[], $3::text[], ...) AS u("__walhook_row", "c1", "c2", ...)
-//! ) AS c                      -- the query's alias, or the table's name
-//! WHERE <the condition, as written>
+//! WITH "__walhook_rows" AS (
+//!     SELECT u."__walhook_row", u."c0"::integer AS "id", u."c1"::text AS "status", ...
+//!     FROM unnest($1::int4[], $2::text[], $3::text[], ...) AS u("__walhook_row", "c0", "c1", ...))
+//! SELECT r."__walhook_row",
+//!        EXISTS (SELECT FROM (SELECT r.*) AS c WHERE <condition 1, as written>),  -- c: the
+//!        ...                                                   -- query's alias or table name
+//! FROM "__walhook_rows" AS r
 //! ```
 //!
-//! Evaluating classifications while streaming is not implemented yet; `walhook check`
-//! validates the files so they are ready when it is.
+//! Only the columns a condition may read are sent (see
+//! [`Classification::referenced_columns`]).
 
+pub mod baseline;
 pub mod definition;
 
-use crate::config::quote_ident;
-use crate::schema::describe_tables;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{quote_ident, Config, TableName, TransitionEvent};
+use crate::derive::classification::{ClassSpec, ClassifiedTable, TransitionSub};
+use crate::schema::{describe_tables, TableInfo};
 use crate::source::SourceError;
 
 pub use definition::{load_dir, Classification};
 
-/// The text of the query that evaluates `c`'s condition over row images: one text array
-/// per column (`$2..`), and `$1` numbering the rows. `columns` are the table's columns with
-/// their SQL types, in order.
-pub fn evaluation_query(c: &Classification, columns: &[(String, String)]) -> String {
-    let alias = quote_ident(c.alias.as_deref().unwrap_or(&c.table.name));
-    let mut casts = Vec::with_capacity(columns.len());
+/// One condition to evaluate: the name the row goes by (the query's alias, or its table's
+/// name) and the WHERE expression, as written.
+pub struct Condition<'a> {
+    pub alias: &'a str,
+    pub predicate: &'a str,
+}
+
+impl<'a> From<&'a Classification> for Condition<'a> {
+    fn from(c: &'a Classification) -> Self {
+        Condition {
+            alias: c.alias.as_deref().unwrap_or(&c.table.name),
+            predicate: &c.predicate,
+        }
+    }
+}
+
+/// The text of the query that evaluates `conditions` over row images: `$1` numbers the
+/// rows, `$2..` hold one text array per column of `columns` (name, SQL type), and the result
+/// has the row number and one boolean per condition (true when it holds; false when it is
+/// false or null). Each condition sees the row under its own alias.
+pub fn evaluation_query(columns: &[(String, String)], conditions: &[Condition<'_>]) -> String {
+    let mut selected = vec!["u.\"__walhook_row\"".to_string()];
     let mut arrays = vec!["$1::int4[]".to_string()];
     let mut names = vec!["\"__walhook_row\"".to_string()];
     for (i, (name, sql_type)) in columns.iter().enumerate() {
-        casts.push(format!("u.\"c{i}\"::{sql_type} AS {}", quote_ident(name)));
+        selected.push(format!("u.\"c{i}\"::{sql_type} AS {}", quote_ident(name)));
         arrays.push(format!("${}::text[]", i + 2));
         names.push(format!("\"c{i}\""));
     }
+    let tests: Vec<String> = conditions
+        .iter()
+        .map(|c| {
+            format!(
+                "EXISTS (SELECT FROM (SELECT r.*) AS {} WHERE {})",
+                quote_ident(c.alias),
+                c.predicate
+            )
+        })
+        .collect();
     format!(
-        "SELECT {alias}.\"__walhook_row\" FROM (SELECT u.\"__walhook_row\", {} FROM unnest({}) AS u({})) AS {alias} WHERE {}",
-        casts.join(", "),
+        "WITH \"__walhook_rows\" AS (SELECT {} FROM unnest({}) AS u({})) SELECT r.\"__walhook_row\", {} FROM \"__walhook_rows\" AS r",
+        selected.join(", "),
         arrays.join(", "),
         names.join(", "),
-        c.predicate
+        tests.join(", ")
     )
+}
+
+/// The table's columns, in order, with their SQL types.
+pub async fn table_columns(
+    client: &tokio_postgres::Client,
+    oid: u32,
+) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&oid],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// The columns of the table (with types) that `c`'s condition may read.
+pub fn referenced(c: &Classification, columns: &[(String, String)]) -> Vec<(String, String)> {
+    let names: Vec<String> = columns.iter().map(|(n, _)| n.clone()).collect();
+    let wanted = c.referenced_columns(&names);
+    columns
+        .iter()
+        .filter(|(n, _)| wanted.contains(n))
+        .cloned()
+        .collect()
+}
+
+/// One line per classification event that names no classification file.
+pub fn check_events<'a>(
+    transitions: impl IntoIterator<Item = &'a TransitionEvent>,
+    classifications: Option<(&Path, &[Classification])>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for t in transitions {
+        match classifications {
+            None => problems.push(format!(
+                "event {:?} names classification {:?}: pass --classifications DIR with {}.sql in it",
+                t.name, t.classification, t.classification
+            )),
+            Some((dir, found)) if !found.iter().any(|c| c.name == t.classification) => {
+                problems.push(format!(
+                    "event {:?} names classification {:?}, but {} holds no {}.sql (it has: {})",
+                    t.name,
+                    t.classification,
+                    dir.display(),
+                    t.classification,
+                    found
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    problems
+}
+
+/// The classifications some event uses (the others are not evaluated).
+pub fn used<'a>(
+    transitions: &[TransitionEvent],
+    found: &'a [Classification],
+) -> Vec<&'a Classification> {
+    found
+        .iter()
+        .filter(|c| transitions.iter().any(|t| t.classification == c.name))
+        .collect()
+}
+
+/// Which SQL a classification's state was built for: its query and table. Comments and the
+/// recheck interval are not part of it.
+pub fn fingerprint(c: &Classification) -> String {
+    let mut hash = Sha256::new();
+    hash.update(c.table.to_string().as_bytes());
+    hash.update([0]);
+    hash.update(c.query.as_bytes());
+    hash.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The classifications that the config's events use, resolved against the catalog: per
+/// table, the columns their conditions read and the webhooks that want their transitions.
+/// `active_from` is left at 0 for the caller to set.
+pub async fn plan(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    classifications: &[Classification],
+    infos: &BTreeMap<TableName, TableInfo>,
+) -> Result<Vec<ClassifiedTable>, SourceError> {
+    // Per table: all its columns with types, and its classifications.
+    type Columns = Vec<(String, String)>;
+    let mut tables: BTreeMap<TableName, (Columns, Vec<ClassSpec>)> = BTreeMap::new();
+    for c in classifications {
+        let mut subs = Vec::new();
+        for (index, webhook) in config.webhooks.iter().enumerate() {
+            for t in config
+                .transitions
+                .iter()
+                .filter(|t| t.name == webhook.event && t.classification == c.name)
+            {
+                subs.push(TransitionSub {
+                    webhook: index,
+                    hook_id: webhook.id.clone(),
+                    event: t.name.clone(),
+                    from: t.from,
+                    to: t.to,
+                    max_rows: webhook.max_rows,
+                });
+            }
+        }
+        if !config
+            .transitions
+            .iter()
+            .any(|t| t.classification == c.name)
+        {
+            continue;
+        }
+        let Some(info) = infos.get(&c.table) else {
+            continue;
+        };
+        let entry = match tables.get_mut(&c.table) {
+            Some(entry) => entry,
+            None => {
+                let all = table_columns(client, info.oid).await?;
+                tables.entry(c.table.clone()).or_insert((all, Vec::new()))
+            }
+        };
+        let columns = referenced(c, &entry.0)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        entry.1.push(ClassSpec {
+            name: c.name.clone(),
+            table: c.table.clone(),
+            alias: c.alias.clone().unwrap_or_else(|| c.table.name.clone()),
+            predicate: c.predicate.clone(),
+            columns,
+            active_from: 0,
+            subs,
+        });
+    }
+    Ok(tables
+        .into_iter()
+        .map(|(table, (all, classes))| {
+            let columns = all
+                .into_iter()
+                .filter(|(name, _)| classes.iter().any(|c| c.columns.contains(name)))
+                .collect();
+            ClassifiedTable {
+                table,
+                columns,
+                classes,
+            }
+        })
+        .collect())
 }
 
 /// Checks classifications against the database. One line per problem, naming the file (and
@@ -82,17 +278,8 @@ pub async fn validate(
             problems.push(rejected(c, &c.query, c.query_line, &e));
             continue;
         }
-        let columns: Vec<(String, String)> = client
-            .query(
-                "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
-                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-                &[&info.oid],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        let evaluation = evaluation_query(c, &columns);
+        let columns = referenced(c, &table_columns(client, info.oid).await?);
+        let evaluation = evaluation_query(&columns, &[Condition::from(c)]);
         if let Err(e) = client.prepare(&evaluation).await {
             let message = e
                 .as_db_error()

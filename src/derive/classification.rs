@@ -1,0 +1,780 @@
+//! Classification events: a row's value of a classification (true, false, or null when the
+//! row does not exist) changing between the start and the end of a committed transaction.
+//!
+//! ```text
+//!  Assembler ── per transaction: each touched row's last image (TxnChanges) ──┐
+//!                                                                             ▼
+//!  staged group of transactions ─► images filled (unchanged TOAST from the store)
+//!                                ─► one query per table evaluates every condition on every
+//!                                   image (PostgreSQL, batched)
+//!                                ─► per transaction, in order: value before (store, or an
+//!                                   earlier transaction of the group) vs value after
+//!                                ─► notifications + state writes, one atomic batch
+//! ```
+//!
+//! Net per transaction comes for free: only each row's last image of a transaction is kept,
+//! and it is compared with the stored value from before the transaction.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio_postgres::types::ToSql;
+
+use crate::classify::{evaluation_query, Condition};
+use crate::config::{Side, TableName};
+use crate::derive::mutation::TxnContext;
+use crate::log::{Log, LogError, NewNotification, NotificationKey};
+use crate::source::{Database, SourceError};
+use crate::state::{self, Known, Record};
+
+/// One column of a row image, as the WAL carried it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cell {
+    Null,
+    Text(String),
+    /// An unchanged TOASTed value the server did not send: taken from the state store.
+    Unchanged,
+}
+
+/// A touched row: its primary key and its last image in the transaction (`None`: deleted).
+#[derive(Debug)]
+pub struct RowChange {
+    pub row: Value,
+    pub after: Option<Vec<Cell>>,
+}
+
+/// One table's touched rows in a transaction, in order of first touch.
+#[derive(Debug, Default)]
+pub struct TableChanges {
+    /// The table was truncated; rows touched after the TRUNCATE are in `rows`.
+    pub truncated: bool,
+    pub rows: Vec<(String, RowChange)>,
+    index: HashMap<String, usize>,
+}
+
+impl TableChanges {
+    /// Records a row's new image (or its deletion). A later image of the same row replaces
+    /// the earlier one; its unchanged TOAST cells keep the earlier image's values.
+    pub fn touch(&mut self, row: Value, mut after: Option<Vec<Cell>>) {
+        let key = row.to_string();
+        match self.index.get(&key) {
+            Some(&at) => {
+                let change = &mut self.rows[at].1;
+                if let (Some(prev), Some(new)) = (&change.after, &mut after) {
+                    for (cell, old) in new.iter_mut().zip(prev) {
+                        if *cell == Cell::Unchanged {
+                            *cell = old.clone();
+                        }
+                    }
+                }
+                change.after = after;
+            }
+            None => {
+                self.index.insert(key.clone(), self.rows.len());
+                self.rows.push((key, RowChange { row, after }));
+            }
+        }
+    }
+
+    pub fn truncate(&mut self) {
+        self.rows.clear();
+        self.index.clear();
+        self.truncated = true;
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty() && !self.truncated
+    }
+}
+
+/// The classified tables' changes of one transaction.
+#[derive(Debug, Default)]
+pub struct TxnChanges {
+    pub tables: BTreeMap<TableName, TableChanges>,
+}
+
+impl TxnChanges {
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+
+    pub fn rows(&self) -> usize {
+        self.tables.values().map(TableChanges::len).sum()
+    }
+}
+
+/// A committed transaction waiting for its classifications to be evaluated.
+pub struct StagedTxn {
+    pub ctx: TxnContext,
+    pub changes: TxnChanges,
+}
+
+/// A webhook's interest in transitions of one classification.
+#[derive(Debug, Clone)]
+pub struct TransitionSub {
+    /// Index of the webhook in the config: orders the notifications of a transaction.
+    pub webhook: usize,
+    pub hook_id: String,
+    pub event: String,
+    pub from: Side,
+    pub to: Side,
+    pub max_rows: usize,
+}
+
+/// One classification as the stream evaluates it.
+#[derive(Debug, Clone)]
+pub struct ClassSpec {
+    pub name: String,
+    pub table: TableName,
+    /// What the condition calls the row (the query's alias, or the table's name).
+    pub alias: String,
+    pub predicate: String,
+    /// The columns the condition reads, by name (kept in the state store).
+    pub columns: Vec<String>,
+    /// Transactions committed at or after this LSN change the state.
+    pub active_from: u64,
+    pub subs: Vec<TransitionSub>,
+}
+
+/// A classified table: its classifications and the columns their conditions read.
+#[derive(Debug, Clone)]
+pub struct ClassifiedTable {
+    pub table: TableName,
+    /// The union of the classifications' columns, in table order, with their SQL types:
+    /// the columns of a row image.
+    pub columns: Vec<(String, String)>,
+    pub classes: Vec<ClassSpec>,
+}
+
+/// Why classifications could not be evaluated.
+#[derive(Debug, thiserror::Error)]
+pub enum ClassifyError {
+    /// The database went away: reconnect and evaluate again (nothing was written).
+    #[error("{0}")]
+    Transient(String),
+    /// A condition cannot be evaluated at all (the table changed under it): the user must
+    /// fix the classification.
+    #[error("{0}")]
+    Definite(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+impl From<SourceError> for ClassifyError {
+    fn from(e: SourceError) -> Self {
+        match e {
+            SourceError::Transient(m) => ClassifyError::Transient(m),
+            SourceError::Definite(m) => ClassifyError::Definite(m),
+        }
+    }
+}
+
+/// Evaluates conditions over row images in PostgreSQL.
+pub struct Evaluator {
+    client: tokio_postgres::Client,
+    statements: HashMap<String, tokio_postgres::Statement>,
+    /// Inside a transaction (the baseline's snapshot), a failed statement needs a savepoint
+    /// to leave the transaction usable.
+    in_transaction: bool,
+}
+
+/// At most this many row images go to PostgreSQL in one query.
+const EVALUATION_BATCH: usize = 2000;
+
+impl Evaluator {
+    pub fn new(client: tokio_postgres::Client, in_transaction: bool) -> Evaluator {
+        Evaluator {
+            client,
+            statements: HashMap::new(),
+            in_transaction,
+        }
+    }
+
+    pub fn client(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+
+    /// The value of every class of `table` (or only `only`) for every image. `labels` name
+    /// the rows in error reports.
+    pub async fn evaluate(
+        &mut self,
+        table: &ClassifiedTable,
+        only: Option<usize>,
+        images: &[Vec<Option<String>>],
+        labels: &[String],
+    ) -> Result<Vec<Vec<Known>>, ClassifyError> {
+        let classes: Vec<usize> = match only {
+            Some(i) => vec![i],
+            None => (0..table.classes.len()).collect(),
+        };
+        let mut out = Vec::with_capacity(images.len());
+        for (chunk, names) in images
+            .chunks(EVALUATION_BATCH)
+            .zip(labels.chunks(EVALUATION_BATCH))
+        {
+            match self.run(table, &classes, chunk).await {
+                Ok(values) => out.extend(values),
+                Err(Failure::Rows(message)) => {
+                    tracing::debug!(table = %table.table, error = %message, "a condition failed; evaluating row by row");
+                    out.extend(self.row_by_row(table, &classes, chunk, names).await?);
+                }
+                Err(Failure::Fatal(e)) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Evaluates each image and class on its own, so that one row's error leaves the others'
+    /// values known.
+    async fn row_by_row(
+        &mut self,
+        table: &ClassifiedTable,
+        classes: &[usize],
+        images: &[Vec<Option<String>>],
+        labels: &[String],
+    ) -> Result<Vec<Vec<Known>>, ClassifyError> {
+        let mut out = Vec::with_capacity(images.len());
+        for (image, label) in images.iter().zip(labels) {
+            let mut values = Vec::with_capacity(classes.len());
+            for &class in classes {
+                match self.run(table, &[class], std::slice::from_ref(image)).await {
+                    Ok(v) => values.push(v[0][0]),
+                    Err(Failure::Rows(message)) => {
+                        tracing::error!(
+                            classification = %table.classes[class].name,
+                            table = %table.table,
+                            row = %label,
+                            error = %message,
+                            "the classification's condition fails for this row: its value is unknown (no transition is reported from or to it) until a later change evaluates cleanly"
+                        );
+                        values.push(Known::Unknown);
+                    }
+                    Err(Failure::Fatal(e)) => return Err(e),
+                }
+            }
+            out.push(values);
+        }
+        Ok(out)
+    }
+
+    async fn run(
+        &mut self,
+        table: &ClassifiedTable,
+        classes: &[usize],
+        images: &[Vec<Option<String>>],
+    ) -> Result<Vec<Vec<Known>>, Failure> {
+        let conditions: Vec<Condition<'_>> = classes
+            .iter()
+            .map(|&i| Condition {
+                alias: &table.classes[i].alias,
+                predicate: &table.classes[i].predicate,
+            })
+            .collect();
+        let sql = evaluation_query(&table.columns, &conditions);
+        let statement = match self.statements.get(&sql) {
+            Some(s) => s.clone(),
+            None => {
+                let s = self
+                    .client
+                    .prepare(&sql)
+                    .await
+                    .map_err(|e| fatal(table, classes, e))?;
+                self.statements.insert(sql, s.clone());
+                s
+            }
+        };
+        let numbers: Vec<i32> = (0..images.len() as i32).collect();
+        let columns: Vec<Vec<Option<&str>>> = (0..table.columns.len())
+            .map(|c| {
+                images
+                    .iter()
+                    .map(|image| image.get(c).and_then(|v| v.as_deref()))
+                    .collect()
+            })
+            .collect();
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(columns.len() + 1);
+        params.push(&numbers);
+        for column in &columns {
+            params.push(column);
+        }
+        if self.in_transaction {
+            self.client
+                .batch_execute("SAVEPOINT walhook_evaluation")
+                .await
+                .map_err(|e| Failure::Fatal(SourceError::from(e).into()))?;
+        }
+        let result = self.client.query(&statement, &params).await;
+        if self.in_transaction {
+            let after = if result.is_ok() {
+                "RELEASE SAVEPOINT walhook_evaluation"
+            } else {
+                "ROLLBACK TO SAVEPOINT walhook_evaluation"
+            };
+            self.client
+                .batch_execute(after)
+                .await
+                .map_err(|e| Failure::Fatal(SourceError::from(e).into()))?;
+        }
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(e) if is_row_error(&e) => {
+                let message = e
+                    .as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_else(|| e.to_string());
+                return Err(Failure::Rows(message));
+            }
+            Err(e) => return Err(fatal(table, classes, e)),
+        };
+        let mut out = vec![vec![Known::False; classes.len()]; images.len()];
+        for row in rows {
+            let number: i32 = row.get(0);
+            let Some(values) = out.get_mut(number as usize) else {
+                continue;
+            };
+            for (i, value) in values.iter_mut().enumerate() {
+                if row.get::<_, bool>(i + 1) {
+                    *value = Known::True;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+enum Failure {
+    /// The condition failed on some row's data (division by zero, a bad cast, ...).
+    Rows(String),
+    Fatal(ClassifyError),
+}
+
+/// Errors caused by a row's values rather than by the query or the connection: data
+/// exceptions, integrity violations, errors raised by functions the condition calls.
+fn is_row_error(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|d| {
+        let code = d.code().code();
+        ["22", "23", "P0", "2F", "38", "39"]
+            .iter()
+            .any(|class| code.starts_with(class))
+    })
+}
+
+fn fatal(table: &ClassifiedTable, classes: &[usize], e: tokio_postgres::Error) -> Failure {
+    let source = SourceError::from(e);
+    Failure::Fatal(match source {
+        SourceError::Transient(m) => ClassifyError::Transient(m),
+        SourceError::Definite(m) => {
+            let names: Vec<&str> = classes
+                .iter()
+                .map(|&i| table.classes[i].name.as_str())
+                .collect();
+            ClassifyError::Definite(format!(
+                "classification {} on {} can no longer be evaluated ({m}): the table changed under it; fix the classification's SQL (walhook check shows the problem) and restart",
+                names.join(", "),
+                table.table
+            ))
+        }
+    })
+}
+
+/// Turns the staged transactions' changes into transition notifications and state writes.
+pub struct Classifier {
+    tables: BTreeMap<TableName, ClassifiedTable>,
+    db: Database,
+    evaluator: Option<Evaluator>,
+}
+
+/// The state writes of a group: key → new record bytes (`None` removes).
+pub type StateWrites = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+impl Classifier {
+    pub fn new(tables: Vec<ClassifiedTable>, db: Database) -> Classifier {
+        Classifier {
+            tables: tables.into_iter().map(|t| (t.table.clone(), t)).collect(),
+            db,
+            evaluator: None,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+
+    /// Forgets the connection (after an error), so the next evaluation connects afresh.
+    pub fn disconnect(&mut self) {
+        self.evaluator = None;
+    }
+
+    /// The notifications and state writes of `txns`, in commit order.
+    pub async fn evaluate(
+        &mut self,
+        txns: &[StagedTxn],
+        log: &Log,
+    ) -> Result<(Vec<NewNotification>, StateWrites), ClassifyError> {
+        if txns.iter().all(|t| t.changes.is_empty()) {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        if self.evaluator.is_none() {
+            let client = self.db.connect().await?;
+            self.evaluator = Some(Evaluator::new(client, false));
+        }
+        let result = self.evaluate_connected(txns, log).await;
+        if matches!(result, Err(ClassifyError::Transient(_))) {
+            self.evaluator = None;
+        }
+        result
+    }
+
+    async fn evaluate_connected(
+        &mut self,
+        txns: &[StagedTxn],
+        log: &Log,
+    ) -> Result<(Vec<NewNotification>, StateWrites), ClassifyError> {
+        let Some(evaluator) = self.evaluator.as_mut() else {
+            return Err(ClassifyError::Transient("not connected".into()));
+        };
+        // Pass 1, per table: fill every image, then evaluate them all at once.
+        let mut values: HashMap<(&TableName, usize, usize), Vec<Known>> = HashMap::new();
+        let mut filled: HashMap<(&TableName, usize, usize), Vec<Option<String>>> = HashMap::new();
+        for (name, table) in &self.tables {
+            let mut latest: HashMap<&str, Vec<Option<String>>> = HashMap::new();
+            let mut images = Vec::new();
+            let mut labels = Vec::new();
+            let mut at = Vec::new();
+            for (t, txn) in txns.iter().enumerate() {
+                let Some(changes) = txn.changes.tables.get(name) else {
+                    continue;
+                };
+                if changes.truncated {
+                    latest.clear();
+                }
+                for (r, (key, change)) in changes.rows.iter().enumerate() {
+                    let Some(cells) = &change.after else {
+                        latest.remove(key.as_str());
+                        continue;
+                    };
+                    let image = fill(table, key, cells, latest.get(key.as_str()), txn, log)?;
+                    latest.insert(key, image.clone());
+                    images.push(image.clone());
+                    labels.push(key.clone());
+                    at.push((t, r));
+                    filled.insert((name, t, r), image);
+                }
+            }
+            if images.is_empty() {
+                continue;
+            }
+            let results = evaluator.evaluate(table, None, &images, &labels).await?;
+            for ((t, r), v) in at.into_iter().zip(results) {
+                values.insert((name, t, r), v);
+            }
+        }
+
+        // Pass 2, per transaction in commit order: before vs after.
+        let mut overlay: HashMap<Vec<u8>, Option<Record>> = HashMap::new();
+        let mut notifications = Vec::new();
+        for (t, txn) in txns.iter().enumerate() {
+            let mut groups: Groups<'_> = BTreeMap::new();
+            for (name, changes) in &txn.changes.tables {
+                let Some(table) = self.tables.get(name) else {
+                    continue;
+                };
+                for (c, class) in table.classes.iter().enumerate() {
+                    if txn.ctx.lsn < class.active_from {
+                        continue;
+                    }
+                    let mut transition = |row: Value, from: Option<Side>, to: Option<Side>| {
+                        // An unknown value (the condition failed) reports nothing.
+                        let (Some(from), Some(to)) = (from, to) else {
+                            return;
+                        };
+                        if from == to {
+                            return;
+                        }
+                        for sub in &class.subs {
+                            if matches(sub.from, from) && matches(sub.to, to) {
+                                groups
+                                    .entry((sub.webhook, code(from), code(to)))
+                                    .or_insert_with(|| (Vec::new(), class, sub))
+                                    .0
+                                    .push(row.clone());
+                            }
+                        }
+                    };
+                    let prefix = state::class_prefix(&class.name);
+                    if changes.truncated {
+                        // Every row that existed is gone, unless the transaction wrote it
+                        // again after the TRUNCATE (handled with the touched rows below).
+                        let touched: HashSet<&str> =
+                            changes.rows.iter().map(|(k, _)| k.as_str()).collect();
+                        for (key, record) in existing(log, &prefix, &overlay)? {
+                            let Some(row) = state::row_of(&prefix, &key) else {
+                                continue;
+                            };
+                            if touched.contains(row.as_str()) {
+                                continue;
+                            }
+                            let row_json: Value =
+                                serde_json::from_str(&row).unwrap_or(Value::String(row));
+                            transition(row_json, side_of(Some(&record)), Some(Side::Null));
+                            overlay.insert(key, None);
+                        }
+                    }
+                    for (r, (key, change)) in changes.rows.iter().enumerate() {
+                        let state_key = state::row_key(&class.name, key);
+                        // The value before the transaction: an earlier transaction of the
+                        // group, or the store.
+                        let before = stored(log, &state_key, &overlay)?;
+                        let after = match (&change.after, values.get(&(name, t, r))) {
+                            (Some(_), Some(v)) => Some(Record {
+                                value: v[c],
+                                lsn: txn.ctx.lsn,
+                                columns: class_columns(table, class, filled.get(&(name, t, r))),
+                            }),
+                            _ => None,
+                        };
+                        transition(
+                            change.row.clone(),
+                            side_of(before.as_ref()),
+                            side_of(after.as_ref()),
+                        );
+                        let unchanged = match (&before, &after) {
+                            (Some(b), Some(a)) => b.value == a.value && b.columns == a.columns,
+                            (None, None) => true,
+                            _ => false,
+                        };
+                        if !unchanged {
+                            overlay.insert(state_key, after);
+                        }
+                    }
+                }
+            }
+            notifications.extend(emit(&txn.ctx, groups));
+        }
+        let mut writes: StateWrites = overlay
+            .into_iter()
+            .map(|(k, v)| (k, v.map(|r| r.encode())))
+            .collect();
+        writes.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((notifications, writes))
+    }
+}
+
+/// A row's value as a transition side; `None` when it is unknown.
+fn side_of(record: Option<&Record>) -> Option<Side> {
+    match record.map(|r| r.value) {
+        None => Some(Side::Null),
+        Some(Known::True) => Some(Side::True),
+        Some(Known::False) => Some(Side::False),
+        Some(Known::Unknown) => None,
+    }
+}
+
+fn matches(wanted: Side, actual: Side) -> bool {
+    wanted == Side::Any || wanted == actual
+}
+
+/// Orders a transaction's notifications: null, false, true.
+fn code(side: Side) -> u8 {
+    match side {
+        Side::Null => 0,
+        Side::False => 1,
+        Side::True => 2,
+        Side::Any => 3,
+    }
+}
+
+fn side_json(side: Side) -> Value {
+    match side {
+        Side::True => Value::Bool(true),
+        Side::False => Value::Bool(false),
+        _ => Value::Null,
+    }
+}
+
+fn decode(key: &[u8], bytes: &[u8]) -> Result<Record, LogError> {
+    Record::decode(bytes).map_err(|reason| LogError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason,
+    })
+}
+
+/// The record under `key` as of the end of the group's transactions so far.
+fn stored(
+    log: &Log,
+    key: &[u8],
+    overlay: &HashMap<Vec<u8>, Option<Record>>,
+) -> Result<Option<Record>, LogError> {
+    if let Some(record) = overlay.get(key) {
+        return Ok(record.clone());
+    }
+    match log.get_raw(key)? {
+        None => Ok(None),
+        Some(bytes) => decode(key, &bytes).map(Some),
+    }
+}
+
+/// Every record under `prefix` as of the group's transactions so far, in key order.
+fn existing(
+    log: &Log,
+    prefix: &[u8],
+    overlay: &HashMap<Vec<u8>, Option<Record>>,
+) -> Result<Vec<(Vec<u8>, Record)>, LogError> {
+    let mut all: BTreeMap<Vec<u8>, Record> = BTreeMap::new();
+    let mut from = prefix.to_vec();
+    loop {
+        let page = log.scan_raw(prefix, &from, 10_000)?;
+        let Some((last, _)) = page.last() else {
+            break;
+        };
+        from = last.to_vec();
+        from.push(0);
+        for (key, bytes) in page {
+            if !overlay.contains_key(key.as_ref()) {
+                all.insert(key.to_vec(), decode(&key, &bytes)?);
+            }
+        }
+    }
+    for (key, record) in overlay {
+        if let (true, Some(record)) = (key.starts_with(prefix), record) {
+            all.insert(key.clone(), record.clone());
+        }
+    }
+    Ok(all.into_iter().collect())
+}
+
+/// `cells` with unchanged TOAST values filled in: from the row's previous image in the group,
+/// else from the state store (any classification of the table that keeps the column and
+/// is maintained at this transaction). A value found nowhere is not read by any condition.
+fn fill(
+    table: &ClassifiedTable,
+    key: &str,
+    cells: &[Cell],
+    previous: Option<&Vec<Option<String>>>,
+    txn: &StagedTxn,
+    log: &Log,
+) -> Result<Vec<Option<String>>, LogError> {
+    let mut records: Option<Vec<Record>> = None;
+    let mut out = Vec::with_capacity(cells.len());
+    for (i, cell) in cells.iter().enumerate() {
+        out.push(match cell {
+            Cell::Null => None,
+            Cell::Text(t) => Some(t.clone()),
+            Cell::Unchanged => {
+                if let Some(prev) = previous {
+                    prev.get(i).cloned().flatten()
+                } else {
+                    if records.is_none() {
+                        let mut found = Vec::new();
+                        for class in &table.classes {
+                            if txn.ctx.lsn < class.active_from {
+                                continue;
+                            }
+                            let k = state::row_key(&class.name, key);
+                            if let Some(bytes) = log.get_raw(&k)? {
+                                found.push(decode(&k, &bytes)?);
+                            }
+                        }
+                        records = Some(found);
+                    }
+                    let name = &table.columns[i].0;
+                    records
+                        .iter()
+                        .flatten()
+                        .find_map(|r| r.column(name).cloned())
+                        .flatten()
+                }
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// The columns `class` keeps, from a filled image of the table's columns.
+fn class_columns(
+    table: &ClassifiedTable,
+    class: &ClassSpec,
+    image: Option<&Vec<Option<String>>>,
+) -> Vec<(String, Option<String>)> {
+    class
+        .columns
+        .iter()
+        .map(|name| {
+            let value = table
+                .columns
+                .iter()
+                .position(|(n, _)| n == name)
+                .and_then(|at| image.and_then(|i| i.get(at)).cloned())
+                .flatten();
+            (name.clone(), value)
+        })
+        .collect()
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    hook_id: &'a str,
+    event: &'a str,
+    table: String,
+    op: &'static str,
+    rows: &'a [Value],
+    lsn: &'a str,
+    committed_at: &'a str,
+    classification: &'a str,
+    transition: Transition,
+}
+
+#[derive(Serialize)]
+struct Transition {
+    from: Value,
+    to: Value,
+}
+
+type Groups<'a> = BTreeMap<(usize, u8, u8), (Vec<Value>, &'a ClassSpec, &'a TransitionSub)>;
+
+/// One transaction's notifications: per (webhook, actual from, actual to), at most
+/// `max_rows` rows each; ordinals count per webhook from 0.
+fn emit(ctx: &TxnContext, groups: Groups<'_>) -> Vec<NewNotification> {
+    let mut ordinals: HashMap<&str, u32> = HashMap::new();
+    let mut out = Vec::new();
+    let decode_side = |c: u8| match c {
+        0 => Side::Null,
+        1 => Side::False,
+        _ => Side::True,
+    };
+    for ((_, from, to), (rows, class, sub)) in groups {
+        for chunk in rows.chunks(sub.max_rows.max(1)) {
+            let ordinal = ordinals.entry(sub.hook_id.as_str()).or_insert(0);
+            let body = Body {
+                hook_id: &sub.hook_id,
+                event: &sub.event,
+                table: class.table.to_string(),
+                op: "transition",
+                rows: chunk,
+                lsn: &ctx.lsn_text,
+                committed_at: &ctx.committed_at,
+                classification: &class.name,
+                transition: Transition {
+                    from: side_json(decode_side(from)),
+                    to: side_json(decode_side(to)),
+                },
+            };
+            out.push(NewNotification {
+                key: NotificationKey {
+                    hook: sub.hook_id.clone(),
+                    lsn: ctx.lsn,
+                    ordinal: *ordinal,
+                },
+                // Serializing strings and JSON values cannot fail.
+                body: serde_json::to_vec(&body).unwrap_or_default(),
+            });
+            *ordinal += 1;
+        }
+    }
+    out
+}
