@@ -279,11 +279,21 @@ async fn prepare(
 ) -> Result<Prepared, PrepareError> {
     let client = db.connect().await?;
     let mut problems = source::check_server(&client).await?;
-    let (infos, table_problems) = describe_tables(&client, tables)
+    let (mut infos, table_problems) = describe_tables(&client, tables)
         .await
         .map_err(SourceError::from)?;
     problems.extend(table_problems);
     problems.extend(classify::validate(&client, classifications).await?);
+    // The tables classifications depend on are published too.
+    let (mut classified, plan_problems) =
+        classify::plan(&client, config, classifications, &mut infos).await?;
+    problems.extend(plan_problems);
+    let mut tables = tables.to_vec();
+    for table in &classified {
+        if !tables.contains(&table.table) {
+            tables.push(table.table.clone());
+        }
+    }
     if !problems.is_empty() {
         return Err(PrepareError::Definite(problems.join("\n")));
     }
@@ -294,8 +304,7 @@ async fn prepare(
         slot: opts.slot.clone(),
     };
     check_origin(log, &origin, &opts.data_dir).map_err(PrepareError::Definite)?;
-    source::ensure_publication(&client, &opts.publication, tables).await?;
-    let mut classified = classify::plan(&client, config, classifications, &infos).await?;
+    source::ensure_publication(&client, &opts.publication, &tables).await?;
     // With classifications, a missing slot is created with an exported snapshot: their
     // baseline is read from exactly the state the stream starts after.
     let mut exported = None;
@@ -329,7 +338,6 @@ async fn prepare(
         db,
         opts,
         log,
-        &infos,
         &mut classified,
         classifications,
         exported,
@@ -343,12 +351,10 @@ async fn prepare(
 /// changed, or whose stream was replaced (a new slot) is baselined from a snapshot, without
 /// events; the state of classifications no event uses any more is dropped (its stream
 /// stops maintaining it, so it would be stale if they came back).
-#[allow(clippy::too_many_arguments)]
 async fn baselines(
     db: &Database,
     opts: &RunOptions,
     log: &Log,
-    infos: &std::collections::BTreeMap<crate::config::TableName, crate::schema::TableInfo>,
     classified: &mut [ClassifiedTable],
     classifications: &[Classification],
     mut exported: Option<source::ExportedSnapshot>,
@@ -418,14 +424,11 @@ async fn baselines(
     let active_from = if main { 0 } else { snapshot.lsn.0 };
     for (t, c, fingerprint) in needed {
         let table = &classified[t];
-        let Some(info) = infos.get(&table.table) else {
-            continue;
-        };
         let meta = ClassMeta {
             fingerprint,
             active_from,
         };
-        baseline(db, &snapshot.name, log, table, c, &info.key, &meta)
+        baseline(db, &snapshot.name, log, table, c, &meta, classified)
             .await
             .map_err(classify_error)?;
         classified[t].classes[c].active_from = active_from;
@@ -563,6 +566,23 @@ impl Stream<'_> {
                     }
                     self.ack(&client, ack);
                 }
+                // A classification's recheck is due: its rows are evaluated again against
+                // the live table (after the staged transactions, whose state comes first).
+                _ = until(self.classifier.next_recheck()) => {
+                    if !staged.is_empty() {
+                        match staged.write(self.log, &mut self.classifier).await {
+                            Ok(position) => applied = position,
+                            Err(ClassifyError::Transient(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
+                            Err(e) => return Err(RunError::Stream(e.to_string())),
+                        }
+                        applied_tx.send_replace(applied);
+                    }
+                    match self.recheck().await {
+                        Ok(()) => {}
+                        Err(ClassifyError::Transient(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
+                        Err(e) => return Err(RunError::Stream(e.to_string())),
+                    }
+                }
                 event = client.recv() => {
                     let event = match event {
                         Ok(Some(event)) => event,
@@ -667,6 +687,35 @@ impl Stream<'_> {
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
         Ok(end)
+    }
+
+    /// Runs the due rechecks; their notifications are numbered after the log's last
+    /// transaction, written, flushed, and handed to the queues.
+    async fn recheck(&mut self) -> Result<(), ClassifyError> {
+        let lsn = self.log.position()?.map_or(0, |p| p.commit_lsn);
+        let at = crate::derive::mutation::TxnContext {
+            lsn,
+            lsn_text: Lsn(lsn).to_string(),
+            committed_at: humantime::format_rfc3339_micros(std::time::SystemTime::now())
+                .to_string(),
+        };
+        let (notifications, state) = self.classifier.recheck(self.log, &at).await?;
+        if notifications.is_empty() && state.is_empty() {
+            return Ok(());
+        }
+        self.log
+            .append_with_state(&notifications, &state, None, now_ms())?;
+        self.log.flush().await?;
+        // Wake the queues: they read notifications up to the durable position, which this
+        // did not move.
+        self.durable_tx.send_modify(|_| {});
+        if !notifications.is_empty() {
+            tracing::info!(
+                notifications = notifications.len(),
+                "recheck found transitions"
+            );
+        }
+        Ok(())
     }
 
     fn ack(&mut self, client: &ReplicationClient, lsn: Lsn) {
@@ -784,5 +833,13 @@ async fn prune(log: Log, retention: Duration, mut stop: Stop) {
             _ = tokio::time::sleep(Duration::from_secs(600)) => {}
             _ = requested(&mut stop) => return,
         }
+    }
+}
+
+/// Sleeps until `when`; forever when there is nothing to wait for.
+async fn until(when: Option<tokio::time::Instant>) {
+    match when {
+        Some(when) => tokio::time::sleep_until(when).await,
+        None => std::future::pending().await,
     }
 }

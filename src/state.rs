@@ -7,6 +7,10 @@
 //!                                     it, and the columns the condition reads
 //! b'c' classification               → ClassMeta: which SQL the state was built for, and
 //!                                     from which commit LSN on the stream maintains it
+//! b'r' classification \0 dep key-json → Record: the values with which a row of a table the
+//!                                     condition depends on points to base rows (its
+//!                                     foreign key), so that an update or delete that does
+//!                                     not carry them still re-evaluates the old base rows
 //! ```
 //!
 //! A row without a record does not exist (its value is `null`). Records are per
@@ -17,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 const STATE: u8 = b's';
 const CLASS: u8 = b'c';
+const DEPENDENCY: u8 = b'r';
 
 /// The key of `row` (its primary key as JSON text) under classification `class`.
 pub fn row_key(class: &str, row: &str) -> Vec<u8> {
@@ -41,6 +46,23 @@ pub fn row_of(prefix: &[u8], key: &[u8]) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The prefix of every dependency record of `class`.
+pub fn dependency_prefix(class: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(class.len() + 24);
+    key.push(DEPENDENCY);
+    key.extend_from_slice(class.as_bytes());
+    key.push(0);
+    key
+}
+
+/// The key of `row` of dependency number `dep` of `class`.
+pub fn dependency_key(class: &str, dep: usize, row: &str) -> Vec<u8> {
+    let mut key = dependency_prefix(class);
+    key.push(dep as u8);
+    key.extend_from_slice(row.as_bytes());
+    key
+}
+
 pub fn meta_key(class: &str) -> Vec<u8> {
     let mut key = vec![CLASS];
     key.extend_from_slice(class.as_bytes());
@@ -52,8 +74,9 @@ pub fn meta_prefix() -> Vec<u8> {
     vec![CLASS]
 }
 
-/// A stored value. `Unknown`: the condition failed with an error for this row (e.g. a
-/// division by zero); no transition is reported from or to an unknown value.
+/// A stored value. A failed evaluation (e.g. a division by zero) keeps the row's last known
+/// value; `Unknown` is the value of a row whose condition has never evaluated cleanly (its
+/// last known value is `null`: before it, the row did not exist).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Known {
     False,

@@ -18,16 +18,15 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tokio_postgres::SimpleQueryMessage;
 
 use crate::config::quote_ident;
-use crate::derive::classification::{ClassifiedTable, ClassifyError, Evaluator};
+use crate::derive::classification::{
+    key_text, ClassifiedTable, ClassifyError, Dependency, Evaluator,
+};
 use crate::log::Log;
-use crate::schema::KeyColumn;
 use crate::source::Database;
 use crate::state::{self, ClassMeta, Record};
-use crate::txn::key_json;
 
 /// Rows read and evaluated per round trip.
 const BATCH: usize = 2000;
@@ -40,14 +39,16 @@ pub async fn baseline(
     log: &Log,
     table: &ClassifiedTable,
     class: usize,
-    key: &[KeyColumn],
     meta: &ClassMeta,
+    dependencies: &[ClassifiedTable],
 ) -> Result<u64, ClassifyError> {
     let spec = &table.classes[class];
+    let key = &table.key;
     // Forget the old state first: a baseline interrupted half-way leaves no meta, so the
     // next start baselines again.
     log.write_raw(&[(state::meta_key(&spec.name), None)])?;
     log.remove_prefix(&state::class_prefix(&spec.name))?;
+    log.remove_prefix(&state::dependency_prefix(&spec.name))?;
 
     let client = db.connect().await?;
     client
@@ -132,6 +133,17 @@ pub async fn baseline(
         log.write_raw(&writes)?;
         progress.advance(images.len() as u64);
     }
+    for (index, dep) in spec.deps.iter().enumerate() {
+        dependency_baseline(
+            evaluator.client(),
+            log,
+            &spec.name,
+            index,
+            dep,
+            dependencies,
+        )
+        .await?;
+    }
     evaluator
         .client()
         .batch_execute("COMMIT")
@@ -145,18 +157,75 @@ pub async fn baseline(
     Ok(total.max(0) as u64)
 }
 
-/// The primary key's JSON text, as the stream names the row: a scalar for a one-column key,
-/// an object in key order for a composite one.
-fn key_text<'a>(key: &[KeyColumn], get: impl Fn(usize) -> Option<&'a str>) -> String {
-    let value = |i: usize| key_json(get(i).unwrap_or("").as_bytes(), key[i].type_oid);
-    if key.len() == 1 {
-        return value(0).to_string();
+/// Records, under the open snapshot, where each row of a dependency's table points (its
+/// `via` values), so that its later update or delete re-evaluates the right base rows.
+async fn dependency_baseline(
+    client: &tokio_postgres::Client,
+    log: &Log,
+    class: &str,
+    index: usize,
+    dep: &Dependency,
+    tables: &[ClassifiedTable],
+) -> Result<(), ClassifyError> {
+    let Some(table) = tables.iter().find(|t| t.table == dep.table) else {
+        return Ok(());
+    };
+    let key = &table.key;
+    let selected: Vec<String> = key
+        .iter()
+        .map(|k| &k.name)
+        .chain(&dep.via)
+        .map(|name| format!("{}::text", quote_ident(name)))
+        .collect();
+    let not_null: Vec<String> = dep
+        .via
+        .iter()
+        .map(|name| format!("{} IS NOT NULL", quote_ident(name)))
+        .collect();
+    let source = |e| ClassifyError::from(crate::source::SourceError::from(e));
+    client
+        .batch_execute(&format!(
+            "DECLARE walhook_dependency NO SCROLL CURSOR FOR SELECT {} FROM {} WHERE {}",
+            selected.join(", "),
+            dep.table.quoted(),
+            not_null.join(" AND ")
+        ))
+        .await
+        .map_err(source)?;
+    let fetch = format!("FETCH {BATCH} FROM walhook_dependency");
+    loop {
+        let messages = client.simple_query(&fetch).await.map_err(source)?;
+        let mut writes = Vec::new();
+        for message in &messages {
+            let SimpleQueryMessage::Row(row) = message else {
+                continue;
+            };
+            let label = key_text(key, |i| row.get(i));
+            let record = Record {
+                value: crate::state::Known::False,
+                lsn: 0,
+                columns: dep
+                    .via
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| (name.clone(), row.get(key.len() + i).map(str::to_string)))
+                    .collect(),
+            };
+            writes.push((
+                state::dependency_key(class, index, &label),
+                Some(record.encode()),
+            ));
+        }
+        if writes.is_empty() {
+            break;
+        }
+        log.write_raw(&writes)?;
     }
-    let mut object = serde_json::Map::with_capacity(key.len());
-    for (i, column) in key.iter().enumerate() {
-        object.insert(column.name.clone(), value(i));
-    }
-    Value::Object(object).to_string()
+    client
+        .batch_execute("CLOSE walhook_dependency")
+        .await
+        .map_err(source)?;
+    Ok(())
 }
 
 /// Baseline progress: a bar on a terminal, a log line every few seconds otherwise.

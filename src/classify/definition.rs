@@ -51,9 +51,22 @@ impl Classification {
     /// of them when the condition uses the whole row (`c`, `c.*`). Only these are kept in the
     /// row state store and sent for evaluation.
     pub fn referenced_columns(&self, table_columns: &[String]) -> Vec<String> {
-        let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, &self.predicate).tokenize() else {
-            return table_columns.to_vec();
-        };
+        match self.words() {
+            None => table_columns.to_vec(),
+            Some(words) => table_columns
+                .iter()
+                .filter(|c| words.contains(*c))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// The identifiers of the condition as PostgreSQL folds them; `None` when it uses the
+    /// whole row (`c`, `c.*`), i.e. every column.
+    pub fn words(&self) -> Option<std::collections::HashSet<String>> {
+        let tokens = Tokenizer::new(&PostgreSqlDialect {}, &self.predicate)
+            .tokenize()
+            .ok()?;
         let own = self
             .alias
             .clone()
@@ -68,22 +81,17 @@ impl Classification {
                 continue;
             };
             if word == own {
-                let next = significant.get(i + 1);
-                let whole_row = match next {
+                let whole_row = match significant.get(i + 1) {
                     Some(Token::Period) => matches!(significant.get(i + 2), Some(Token::Mul)),
                     _ => true,
                 };
                 if whole_row {
-                    return table_columns.to_vec();
+                    return None;
                 }
             }
             words.insert(word);
         }
-        table_columns
-            .iter()
-            .filter(|c| words.contains(*c))
-            .cloned()
-            .collect()
+        Some(words)
     }
 }
 

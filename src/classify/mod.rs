@@ -27,7 +27,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use crate::config::{quote_ident, Config, TableName, TransitionEvent};
-use crate::derive::classification::{ClassSpec, ClassifiedTable, TransitionSub};
+use crate::derive::classification::{ClassSpec, ClassifiedTable, Dependency, TransitionSub};
 use crate::schema::{describe_tables, TableInfo};
 use crate::source::SourceError;
 
@@ -166,18 +166,32 @@ pub fn fingerprint(c: &Classification) -> String {
 }
 
 /// The classifications that the config's events use, resolved against the catalog: per
-/// table, the columns their conditions read and the webhooks that want their transitions.
+/// table, the columns their conditions read, the webhooks that want their transitions, and
+/// their dependencies (foreign keys between the table and other tables the condition names).
+/// Tables a dependency watches are in the result too (with the columns that tie their rows
+/// to the base rows), described into `infos`. Returns the tables and one line per problem.
 /// `active_from` is left at 0 for the caller to set.
 pub async fn plan(
     client: &tokio_postgres::Client,
     config: &Config,
     classifications: &[Classification],
-    infos: &BTreeMap<TableName, TableInfo>,
-) -> Result<Vec<ClassifiedTable>, SourceError> {
-    // Per table: all its columns with types, and its classifications.
-    type Columns = Vec<(String, String)>;
-    let mut tables: BTreeMap<TableName, (Columns, Vec<ClassSpec>)> = BTreeMap::new();
+    infos: &mut BTreeMap<TableName, TableInfo>,
+) -> Result<(Vec<ClassifiedTable>, Vec<String>), SourceError> {
+    let mut problems = Vec::new();
+    // Per table: all its columns with types, its classifications, and the columns other
+    // classifications' dependencies read from it.
+    let mut tables: BTreeMap<TableName, Planned> = BTreeMap::new();
     for c in classifications {
+        if !config
+            .transitions
+            .iter()
+            .any(|t| t.classification == c.name)
+        {
+            continue;
+        }
+        let Some(info) = infos.get(&c.table) else {
+            continue;
+        };
         let mut subs = Vec::new();
         for (index, webhook) in config.webhooks.iter().enumerate() {
             for t in config
@@ -195,51 +209,162 @@ pub async fn plan(
                 });
             }
         }
-        if !config
-            .transitions
-            .iter()
-            .any(|t| t.classification == c.name)
-        {
-            continue;
-        }
-        let Some(info) = infos.get(&c.table) else {
-            continue;
-        };
-        let entry = match tables.get_mut(&c.table) {
-            Some(entry) => entry,
-            None => {
-                let all = table_columns(client, info.oid).await?;
-                tables.entry(c.table.clone()).or_insert((all, Vec::new()))
-            }
-        };
-        let columns = referenced(c, &entry.0)
+        let base_oid = info.oid;
+        let all = planned(&mut tables, client, &c.table, base_oid).await?;
+        let columns = referenced(c, &all)
             .into_iter()
             .map(|(name, _)| name)
             .collect();
-        entry.1.push(ClassSpec {
-            name: c.name.clone(),
-            table: c.table.clone(),
-            alias: c.alias.clone().unwrap_or_else(|| c.table.name.clone()),
-            predicate: c.predicate.clone(),
-            columns,
-            active_from: 0,
-            subs,
-        });
+        let mut deps = Vec::new();
+        for dep in dependencies(client, c, base_oid, &all).await? {
+            if !infos.contains_key(&dep.table) {
+                let (found, table_problems) =
+                    describe_tables(client, std::slice::from_ref(&dep.table)).await?;
+                for p in table_problems {
+                    problems.push(format!(
+                        "{}: the condition reads {} (foreign key {}), whose changes re-evaluate the rows they point to: {p}",
+                        c.path.display(),
+                        dep.table,
+                        dep.constraint
+                    ));
+                }
+                infos.extend(found);
+            }
+            let Some(dep_info) = infos.get(&dep.table) else {
+                continue;
+            };
+            let oid = dep_info.oid;
+            planned(&mut tables, client, &dep.table, oid).await?;
+            if let Some(entry) = tables.get_mut(&dep.table) {
+                entry.watched.extend(dep.via.iter().cloned());
+            }
+            deps.push(dep);
+        }
+        if let Some(entry) = tables.get_mut(&c.table) {
+            entry.classes.push(ClassSpec {
+                name: c.name.clone(),
+                table: c.table.clone(),
+                alias: c.alias.clone().unwrap_or_else(|| c.table.name.clone()),
+                predicate: c.predicate.clone(),
+                columns,
+                active_from: 0,
+                subs,
+                recheck: c.recheck,
+                deps,
+            });
+        }
     }
-    Ok(tables
+    let result = tables
         .into_iter()
-        .map(|(table, (all, classes))| {
-            let columns = all
+        .map(|(table, p)| {
+            let columns = p
+                .all
                 .into_iter()
-                .filter(|(name, _)| classes.iter().any(|c| c.columns.contains(name)))
+                .filter(|(name, _)| {
+                    p.watched.contains(name) || p.classes.iter().any(|c| c.columns.contains(name))
+                })
                 .collect();
             ClassifiedTable {
+                key: infos.get(&table).map(|i| i.key.clone()).unwrap_or_default(),
                 table,
                 columns,
-                classes,
+                classes: p.classes,
             }
         })
-        .collect())
+        .collect();
+    Ok((result, problems))
+}
+
+/// A table in the making of a plan.
+#[derive(Default)]
+struct Planned {
+    all: Vec<(String, String)>,
+    classes: Vec<ClassSpec>,
+    watched: std::collections::BTreeSet<String>,
+}
+
+/// The table's columns, entering it into `tables` when new.
+async fn planned(
+    tables: &mut BTreeMap<TableName, Planned>,
+    client: &tokio_postgres::Client,
+    table: &TableName,
+    oid: u32,
+) -> Result<Vec<(String, String)>, SourceError> {
+    if let Some(p) = tables.get(table) {
+        return Ok(p.all.clone());
+    }
+    let all = table_columns(client, oid).await?;
+    tables.insert(
+        table.clone(),
+        Planned {
+            all: all.clone(),
+            ..Planned::default()
+        },
+    );
+    Ok(all)
+}
+
+/// The foreign keys between `c`'s table and the other tables its condition names (one hop,
+/// either direction).
+async fn dependencies(
+    client: &tokio_postgres::Client,
+    c: &Classification,
+    base_oid: u32,
+    base_columns: &[(String, String)],
+) -> Result<Vec<Dependency>, SourceError> {
+    let words = c.words().unwrap_or_default();
+    let rows = client
+        .query(
+            "SELECT con.conname::text, con.conrelid = $1, n.nspname::text, o.relname::text, \
+                    (SELECT array_agg(a.attname::text ORDER BY k.ord) \
+                       FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord) \
+                       JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum), \
+                    (SELECT array_agg(a.attname::text ORDER BY k.ord) \
+                       FROM unnest(con.confkey) WITH ORDINALITY AS k(attnum, ord) \
+                       JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum) \
+             FROM pg_constraint con \
+             JOIN pg_class o ON o.oid = CASE WHEN con.conrelid = $1 THEN con.confrelid ELSE con.conrelid END \
+             JOIN pg_namespace n ON n.oid = o.relnamespace \
+             WHERE con.contype = 'f' AND (con.conrelid = $1 OR con.confrelid = $1) \
+               AND con.conrelid <> con.confrelid \
+             ORDER BY con.conname",
+            &[&base_oid],
+        )
+        .await?;
+    let mut deps = Vec::new();
+    for row in rows {
+        let constraint: String = row.get(0);
+        let base_refers: bool = row.get(1);
+        let table = TableName {
+            schema: row.get(2),
+            name: row.get(3),
+        };
+        if !words.contains(&table.name) {
+            continue;
+        }
+        let fk: Vec<String> = row.get(4);
+        let referenced: Vec<String> = row.get(5);
+        // The base table's columns on its side of the key, and the other table's.
+        let (base, via) = if base_refers {
+            (fk, referenced)
+        } else {
+            (referenced, fk)
+        };
+        let base: Vec<(String, String)> = base
+            .iter()
+            .filter_map(|name| base_columns.iter().find(|(n, _)| n == name).cloned())
+            .collect();
+        if base.len() != via.len() {
+            continue;
+        }
+        deps.push(Dependency {
+            table,
+            constraint,
+            via,
+            base,
+        });
+    }
+    Ok(deps)
 }
 
 /// Checks classifications against the database. One line per problem, naming the file (and

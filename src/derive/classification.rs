@@ -25,6 +25,7 @@ use crate::classify::{evaluation_query, Condition};
 use crate::config::{Side, TableName};
 use crate::derive::mutation::TxnContext;
 use crate::log::{Log, LogError, NewNotification, NotificationKey};
+use crate::schema::KeyColumn;
 use crate::source::{Database, SourceError};
 use crate::state::{self, Known, Record};
 
@@ -139,12 +140,32 @@ pub struct ClassSpec {
     /// Transactions committed at or after this LSN change the state.
     pub active_from: u64,
     pub subs: Vec<TransitionSub>,
+    /// `-- recheck: INTERVAL`: every row is evaluated again against the live table this often.
+    pub recheck: Option<std::time::Duration>,
+    /// Other tables the condition reads, tied to the base rows by a foreign key.
+    pub deps: Vec<Dependency>,
+}
+
+/// A foreign key between a classification's table and another table its condition reads:
+/// a change of a row there re-evaluates the base rows it points to (before and after).
+#[derive(Debug, Clone)]
+pub struct Dependency {
+    /// The other table.
+    pub table: TableName,
+    /// The foreign key's name, for messages.
+    pub constraint: String,
+    /// The other table's columns whose values name base rows: its foreign key columns (it
+    /// references the base table), or the columns the base table's foreign key references.
+    pub via: Vec<String>,
+    /// The base table's columns, with SQL types, equal to `via`'s values, in that order.
+    pub base: Vec<(String, String)>,
 }
 
 /// A classified table: its classifications and the columns their conditions read.
 #[derive(Debug, Clone)]
 pub struct ClassifiedTable {
     pub table: TableName,
+    pub key: Vec<KeyColumn>,
     /// The union of the classifications' columns, in table order, with their SQL types:
     /// the columns of a row image.
     pub columns: Vec<(String, String)>,
@@ -250,7 +271,7 @@ impl Evaluator {
                             table = %table.table,
                             row = %label,
                             error = %message,
-                            "the classification's condition fails for this row: its value is unknown (no transition is reported from or to it) until a later change evaluates cleanly"
+                            "the classification's condition fails for this row: the row keeps its last known value (no transition) until a later change evaluates cleanly"
                         );
                         values.push(Known::Unknown);
                     }
@@ -387,6 +408,8 @@ pub struct Classifier {
     tables: BTreeMap<TableName, ClassifiedTable>,
     db: Database,
     evaluator: Option<Evaluator>,
+    /// When each rechecked classification (table, index) is next due.
+    rechecks: Vec<(TableName, usize, tokio::time::Instant)>,
 }
 
 /// The state writes of a group: key → new record bytes (`None` removes).
@@ -394,11 +417,133 @@ pub type StateWrites = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 impl Classifier {
     pub fn new(tables: Vec<ClassifiedTable>, db: Database) -> Classifier {
+        let now = tokio::time::Instant::now();
+        let rechecks = tables
+            .iter()
+            .flat_map(|t| {
+                t.classes
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, c)| c.recheck.map(|every| (t.table.clone(), i, now + every)))
+            })
+            .collect();
         Classifier {
             tables: tables.into_iter().map(|t| (t.table.clone(), t)).collect(),
             db,
             evaluator: None,
+            rechecks,
         }
+    }
+
+    /// When the next recheck is due, if any classification has one.
+    pub fn next_recheck(&self) -> Option<tokio::time::Instant> {
+        self.rechecks.iter().map(|(_, _, due)| *due).min()
+    }
+
+    /// Evaluates every due classification's rows again against the live tables, and returns
+    /// the transitions found (against the stored values) with their state writes. They are
+    /// numbered after `at`, the log's last transaction: ordinals from 2^31 on (a counter kept
+    /// in the log), so they never collide with a transaction's own.
+    pub async fn recheck(
+        &mut self,
+        log: &Log,
+        at: &TxnContext,
+    ) -> Result<(Vec<NewNotification>, StateWrites), ClassifyError> {
+        let now = tokio::time::Instant::now();
+        let due: Vec<(TableName, usize)> = self
+            .rechecks
+            .iter()
+            .filter(|(_, _, when)| *when <= now)
+            .map(|(t, i, _)| (t.clone(), *i))
+            .collect();
+        if due.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        if self.evaluator.is_none() {
+            let client = self.db.connect().await?;
+            self.evaluator = Some(Evaluator::new(client, false));
+        }
+        let mut groups_rows: Vec<(usize, u8, u8, Vec<Value>, ClassSpec, TransitionSub)> =
+            Vec::new();
+        let mut writes: StateWrites = Vec::new();
+        for (table_name, index) in &due {
+            let Some(table) = self.tables.get(table_name) else {
+                continue;
+            };
+            let class = &table.classes[*index];
+            let Some(evaluator) = self.evaluator.as_ref() else {
+                break;
+            };
+            let result = live_values(evaluator.client(), table, class, log).await;
+            let changed = match result {
+                Ok(changed) => changed,
+                Err(ClassifyError::Transient(m)) => {
+                    self.evaluator = None;
+                    return Err(ClassifyError::Transient(m));
+                }
+                Err(e) => {
+                    tracing::error!(classification = %class.name, error = %e, "recheck failed; rows keep their values until the next change or recheck");
+                    continue;
+                }
+            };
+            for (row, key, mut record, from, to) in changed {
+                for sub in class
+                    .subs
+                    .iter()
+                    .filter(|s| matches(s.from, from) && matches(s.to, to))
+                {
+                    match groups_rows
+                        .iter_mut()
+                        .find(|g| g.0 == sub.webhook && g.1 == code(from) && g.2 == code(to))
+                    {
+                        Some(g) => g.3.push(row.clone()),
+                        None => groups_rows.push((
+                            sub.webhook,
+                            code(from),
+                            code(to),
+                            vec![row.clone()],
+                            class.clone(),
+                            sub.clone(),
+                        )),
+                    }
+                }
+                record.value = match to {
+                    Side::True => Known::True,
+                    _ => Known::False,
+                };
+                writes.push((key, Some(record.encode())));
+            }
+        }
+        for (table, index, when) in &mut self.rechecks {
+            if due.iter().any(|(t, i)| t == table && i == index) {
+                let every = self.tables[table].classes[*index]
+                    .recheck
+                    .unwrap_or(std::time::Duration::from_secs(60));
+                *when = now + every;
+            }
+        }
+        let mut groups: Groups<'_> = BTreeMap::new();
+        for (webhook, from, to, rows, class, sub) in &groups_rows {
+            groups.insert((*webhook, *from, *to), (rows.clone(), class, sub));
+        }
+        let counter = log
+            .get_raw(RECHECK_COUNTER)?
+            .and_then(|b| serde_json::from_slice::<(u64, u32)>(&b).ok())
+            .filter(|(lsn, _)| *lsn == at.lsn)
+            .map_or(0, |(_, next)| next);
+        let notifications = emit(at, groups, RECHECK_ORDINALS + counter, true);
+        let used = notifications
+            .iter()
+            .map(|n| n.key.ordinal - RECHECK_ORDINALS + 1)
+            .max()
+            .unwrap_or(counter);
+        if !notifications.is_empty() {
+            writes.push((
+                RECHECK_COUNTER.to_vec(),
+                Some(serde_json::to_vec(&(at.lsn, used)).unwrap_or_default()),
+            ));
+        }
+        Ok((notifications, writes))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -488,11 +633,7 @@ impl Classifier {
                     if txn.ctx.lsn < class.active_from {
                         continue;
                     }
-                    let mut transition = |row: Value, from: Option<Side>, to: Option<Side>| {
-                        // An unknown value (the condition failed) reports nothing.
-                        let (Some(from), Some(to)) = (from, to) else {
-                            return;
-                        };
+                    let mut transition = |row: Value, from: Side, to: Side| {
                         if from == to {
                             return;
                         }
@@ -521,7 +662,7 @@ impl Classifier {
                             }
                             let row_json: Value =
                                 serde_json::from_str(&row).unwrap_or(Value::String(row));
-                            transition(row_json, side_of(Some(&record)), Some(Side::Null));
+                            transition(row_json, side_of(Some(&record)), Side::Null);
                             overlay.insert(key, None);
                         }
                     }
@@ -532,7 +673,14 @@ impl Classifier {
                         let before = stored(log, &state_key, &overlay)?;
                         let after = match (&change.after, values.get(&(name, t, r))) {
                             (Some(_), Some(v)) => Some(Record {
-                                value: v[c],
+                                // A failed evaluation keeps the last known value: as if
+                                // this change had not happened, for this classification.
+                                value: match v[c] {
+                                    Known::Unknown => {
+                                        before.as_ref().map_or(Known::Unknown, |b| b.value)
+                                    }
+                                    known => known,
+                                },
                                 lsn: txn.ctx.lsn,
                                 columns: class_columns(table, class, filled.get(&(name, t, r))),
                             }),
@@ -554,7 +702,7 @@ impl Classifier {
                     }
                 }
             }
-            notifications.extend(emit(&txn.ctx, groups));
+            notifications.extend(emit(&txn.ctx, groups, 0, false));
         }
         let mut writes: StateWrites = overlay
             .into_iter()
@@ -565,13 +713,13 @@ impl Classifier {
     }
 }
 
-/// A row's value as a transition side; `None` when it is unknown.
-fn side_of(record: Option<&Record>) -> Option<Side> {
+/// A row's value as a transition side. A row whose condition has never evaluated cleanly
+/// still has its last known value: it did not exist.
+fn side_of(record: Option<&Record>) -> Side {
     match record.map(|r| r.value) {
-        None => Some(Side::Null),
-        Some(Known::True) => Some(Side::True),
-        Some(Known::False) => Some(Side::False),
-        Some(Known::Unknown) => None,
+        None | Some(Known::Unknown) => Side::Null,
+        Some(Known::True) => Side::True,
+        Some(Known::False) => Side::False,
     }
 }
 
@@ -727,6 +875,9 @@ struct Body<'a> {
     committed_at: &'a str,
     classification: &'a str,
     transition: Transition,
+    /// Found by a periodic recheck, not by a transaction's own changes.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    recheck: bool,
 }
 
 #[derive(Serialize)]
@@ -739,7 +890,7 @@ type Groups<'a> = BTreeMap<(usize, u8, u8), (Vec<Value>, &'a ClassSpec, &'a Tran
 
 /// One transaction's notifications: per (webhook, actual from, actual to), at most
 /// `max_rows` rows each; ordinals count per webhook from 0.
-fn emit(ctx: &TxnContext, groups: Groups<'_>) -> Vec<NewNotification> {
+fn emit(ctx: &TxnContext, groups: Groups<'_>, first: u32, recheck: bool) -> Vec<NewNotification> {
     let mut ordinals: HashMap<&str, u32> = HashMap::new();
     let mut out = Vec::new();
     let decode_side = |c: u8| match c {
@@ -749,7 +900,7 @@ fn emit(ctx: &TxnContext, groups: Groups<'_>) -> Vec<NewNotification> {
     };
     for ((_, from, to), (rows, class, sub)) in groups {
         for chunk in rows.chunks(sub.max_rows.max(1)) {
-            let ordinal = ordinals.entry(sub.hook_id.as_str()).or_insert(0);
+            let ordinal = ordinals.entry(sub.hook_id.as_str()).or_insert(first);
             let body = Body {
                 hook_id: &sub.hook_id,
                 event: &sub.event,
@@ -763,6 +914,7 @@ fn emit(ctx: &TxnContext, groups: Groups<'_>) -> Vec<NewNotification> {
                     from: side_json(decode_side(from)),
                     to: side_json(decode_side(to)),
                 },
+                recheck,
             };
             out.push(NewNotification {
                 key: NotificationKey {
@@ -777,4 +929,90 @@ fn emit(ctx: &TxnContext, groups: Groups<'_>) -> Vec<NewNotification> {
         }
     }
     out
+}
+
+/// Recheck notifications take ordinals from here on, after any transaction's own.
+const RECHECK_ORDINALS: u32 = 1 << 31;
+/// The last transaction a recheck was numbered after, and the next ordinal offset to use.
+const RECHECK_COUNTER: &[u8] = b"mrecheck";
+
+/// A row whose live value differs from its stored one: (row, state key, stored record,
+/// from, to).
+type LiveChange = (Value, Vec<u8>, Record, Side, Side);
+
+/// Reads `class`'s value for every row of the live table and returns the rows whose value
+/// differs from the stored one. Rows only in the table (inserted, not streamed yet) or only
+/// in the store (deleted, not streamed yet) are left to the stream.
+async fn live_values(
+    client: &tokio_postgres::Client,
+    table: &ClassifiedTable,
+    class: &ClassSpec,
+    log: &Log,
+) -> Result<Vec<LiveChange>, ClassifyError> {
+    let key_columns = &table.key;
+    let sql = format!(
+        "DECLARE walhook_recheck NO SCROLL CURSOR FOR SELECT {}, EXISTS (SELECT FROM (SELECT \"__walhook_base\".*) AS {} WHERE {}) FROM {} AS \"__walhook_base\"",
+        key_columns
+            .iter()
+            .map(|k| format!("{}::text", crate::config::quote_ident(&k.name)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        crate::config::quote_ident(&class.alias),
+        class.predicate,
+        table.table.quoted()
+    );
+    let source = |e: tokio_postgres::Error| ClassifyError::from(SourceError::from(e));
+    client.batch_execute("BEGIN").await.map_err(source)?;
+    let result = async {
+        client.batch_execute(&sql).await.map_err(source)?;
+        let mut changed = Vec::new();
+        loop {
+            let messages = client
+                .simple_query("FETCH 5000 FROM walhook_recheck")
+                .await
+                .map_err(source)?;
+            let mut any = false;
+            for message in &messages {
+                let tokio_postgres::SimpleQueryMessage::Row(row) = message else {
+                    continue;
+                };
+                any = true;
+                let n = key_columns.len();
+                let text = key_text(key_columns, |i| row.get(i));
+                let live = row.get(n) == Some("t");
+                let key = state::row_key(&class.name, &text);
+                let Some(bytes) = log.get_raw(&key)? else {
+                    continue;
+                };
+                let record = decode(&key, &bytes)?;
+                let from = side_of(Some(&record));
+                let to = if live { Side::True } else { Side::False };
+                if from != to {
+                    let row_json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                    changed.push((row_json, key, record, from, to));
+                }
+            }
+            if !any {
+                return Ok(changed);
+            }
+        }
+    }
+    .await;
+    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    let _ = client.batch_execute(end).await;
+    result
+}
+
+/// The primary key's JSON text, as the stream names the row: a scalar for a one-column key,
+/// an object in key order for a composite one. `get(i)` is key column `i`'s text.
+pub fn key_text<'a>(key: &[KeyColumn], get: impl Fn(usize) -> Option<&'a str>) -> String {
+    let value = |i: usize| crate::txn::key_json(get(i).unwrap_or("").as_bytes(), key[i].type_oid);
+    if key.len() == 1 {
+        return value(0).to_string();
+    }
+    let mut object = serde_json::Map::with_capacity(key.len());
+    for (i, column) in key.iter().enumerate() {
+        object.insert(column.name.clone(), value(i));
+    }
+    Value::Object(object).to_string()
 }
