@@ -637,6 +637,242 @@ async fn baseline_is_silent() {
     st.expect("nothing more after the restart", &[]).await;
 }
 
+const CUSTOMERS_AND_CONTRACTS: &str = "
+CREATE TABLE customers (id bigint PRIMARY KEY, status text);
+CREATE TABLE contracts (id bigint PRIMARY KEY, customer_id bigint REFERENCES customers,
+                        signed boolean NOT NULL DEFAULT false);
+";
+
+/// A customer with a signed contract: reads contracts, tied to customers by
+/// contracts_customer_id_fkey (contracts point to the customer).
+const CUSTOMER_CONTRACTED: &str = "\
+SELECT id FROM public.customers c
+WHERE EXISTS (SELECT 1 FROM contracts k WHERE k.customer_id = c.id AND k.signed)
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dependency_child_rows_flip_the_parent() {
+    let hooks = [hook("all", "customer_contracted", Side::Any, Side::Any)];
+    // Before the first start: customer 3 holds signed contract 30 (a pointer only the
+    // baseline knows, since contracts has the default replica identity).
+    let setup = format!(
+        "{CUSTOMERS_AND_CONTRACTS}
+         INSERT INTO customers VALUES (1, 'a'), (2, 'b'), (3, 'c');
+         INSERT INTO contracts VALUES (30, 3, true);"
+    );
+    let s = Scenario::new(&setup, &config(&hooks)).await;
+    let dir = classification_dir(&s, &[("customer_contracted", CUSTOMER_CONTRACTED)]);
+    let _walhook = start(&s, &dir).await;
+    let mut st = Steps::new(&s, "customer_contracted", "public.customers");
+    st.run(
+        "INSERT INTO contracts VALUES (10, 1, true)",
+        &[("all", F, T, &[1])],
+    )
+    .await;
+    // Re-pointing: the old customer (from the state store) and the new one.
+    st.run(
+        "UPDATE contracts SET customer_id = 2 WHERE id = 10",
+        &[("all", T, F, &[1]), ("all", F, T, &[2])],
+    )
+    .await;
+    st.run(
+        "UPDATE contracts SET customer_id = 1 WHERE id = 30",
+        &[("all", T, F, &[3]), ("all", F, T, &[1])],
+    )
+    .await;
+    st.run(
+        "UPDATE contracts SET signed = false WHERE id = 10",
+        &[("all", T, F, &[2])],
+    )
+    .await;
+    // An unsigned contract changing hands changes nothing.
+    st.run("UPDATE contracts SET customer_id = 3 WHERE id = 10", &[])
+        .await;
+    st.run(
+        "DELETE FROM contracts WHERE id = 30",
+        &[("all", T, F, &[1])],
+    )
+    .await;
+    // The customer's own change and a contract change in one transaction: one transition.
+    st.run(
+        "BEGIN; UPDATE customers SET status = 'x' WHERE id = 3;
+         UPDATE contracts SET signed = true WHERE id = 10; COMMIT;",
+        &[("all", F, T, &[3])],
+    )
+    .await;
+}
+
+/// A contract whose customer is active: reads customers, which contracts point to.
+const CONTRACT_OF_ACTIVE: &str = "\
+SELECT id FROM public.contracts k
+WHERE EXISTS (SELECT 1 FROM customers c WHERE c.id = k.customer_id AND c.status = 'active')
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dependency_parent_row_flips_its_children() {
+    let hooks = [hook("all", "contract_of_active", Side::Any, Side::Any)];
+    let setup = format!(
+        "{CUSTOMERS_AND_CONTRACTS}
+         INSERT INTO customers VALUES (1, 'active'), (2, 'trial');
+         INSERT INTO contracts VALUES (10, 1), (11, 1), (20, 2);"
+    );
+    let s = Scenario::new(&setup, &config(&hooks)).await;
+    let dir = classification_dir(&s, &[("contract_of_active", CONTRACT_OF_ACTIVE)]);
+    let _walhook = start(&s, &dir).await;
+    let mut st = Steps::new(&s, "contract_of_active", "public.contracts");
+    st.run(
+        "UPDATE customers SET status = 'churned' WHERE id = 1",
+        &[("all", T, F, &[10, 11])],
+    )
+    .await;
+    st.run(
+        "UPDATE customers SET status = 'active' WHERE id = 2",
+        &[("all", F, T, &[20])],
+    )
+    .await;
+    // The contract's own change: evaluated on its image as usual.
+    st.run(
+        "UPDATE contracts SET customer_id = 2 WHERE id = 10",
+        &[("all", F, T, &[10])],
+    )
+    .await;
+    st.run(
+        "INSERT INTO customers VALUES (3, 'active'); INSERT INTO contracts VALUES (30, 3);",
+        &[("all", N, T, &[30])],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recheck_catches_time_passing() {
+    let hooks = [hook("due", "invoice_overdue", Side::False, Side::True)];
+    let setup = "CREATE TABLE invoices (id bigint PRIMARY KEY, due_at timestamptz NOT NULL);";
+    let s = Scenario::new(setup, &config(&hooks)).await;
+    let overdue = "-- recheck: 1s\nSELECT id FROM public.invoices WHERE due_at < now()\n";
+    let dir = classification_dir(&s, &[("invoice_overdue", overdue)]);
+    let _walhook = start(&s, &dir).await;
+    let mut st = Steps::new(&s, "invoice_overdue", "public.invoices");
+    // Not overdue yet (null → false: not subscribed); three seconds later it is, with no
+    // change to the row.
+    s.pg.exec(
+        "INSERT INTO invoices VALUES (1, now() + interval '3 seconds'), (2, now() + interval '1 hour')",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    st.expect("before the due time", &[]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    st.expect("after the due time", &[("due", F, T, &[1])])
+        .await;
+    let recheck = s
+        .receiver
+        .requests()
+        .iter()
+        .map(|r| r.json())
+        .find(|b| b["rows"] == serde_json::json!([1]))
+        .expect("the recheck notification");
+    assert_eq!(recheck["recheck"], true, "{recheck}");
+    // Later rechecks find nothing new.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    st.expect("two more rechecks", &[]).await;
+    // A row change after the recheck compares with the rechecked value.
+    st.run(
+        "UPDATE invoices SET due_at = now() + interval '1 day' WHERE id = 1",
+        &[],
+    )
+    .await;
+    st.run(
+        "UPDATE invoices SET due_at = now() - interval '1 day' WHERE id = 1",
+        &[("due", F, T, &[1])],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_condition_does_not_wedge_the_stream() {
+    let hooks = [hook("all", "ratio_high", Side::Any, Side::Any)];
+    let setup = "CREATE TABLE ratios (id bigint PRIMARY KEY, num int NOT NULL, den int NOT NULL);";
+    let s = Scenario::new(setup, &config(&hooks)).await;
+    let ratio_high = "SELECT id FROM public.ratios WHERE num / den > 1\n";
+    let dir = classification_dir(&s, &[("ratio_high", ratio_high)]);
+    let walhook = start(&s, &dir).await;
+    let mut st = Steps::new(&s, "ratio_high", "public.ratios");
+    // Row 2 divides by zero: reported, and the other rows of the transaction go through.
+    st.run(
+        "INSERT INTO ratios VALUES (1, 10, 2), (2, 10, 0), (3, 1, 5)",
+        &[("all", N, T, &[1]), ("all", N, F, &[3])],
+    )
+    .await;
+    let log = walhook.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("condition fails for this row"))
+        .unwrap_or_else(|| panic!("no error line for row 2:\n{log}"));
+    assert!(
+        line.contains("ratio_high") && line.contains("row=2") && line.contains("division by zero"),
+        "{line}"
+    );
+    // Once it evaluates, row 2 goes from its last known value (it did not exist).
+    st.run(
+        "UPDATE ratios SET den = 1 WHERE id = 2",
+        &[("all", N, T, &[2])],
+    )
+    .await;
+    // A failure keeps the last known value: true, then false.
+    st.run("UPDATE ratios SET den = 0 WHERE id = 1", &[]).await;
+    st.run(
+        "UPDATE ratios SET den = 20 WHERE id = 1",
+        &[("all", T, F, &[1])],
+    )
+    .await;
+    st.run("DELETE FROM ratios WHERE id = 3", &[("all", F, N, &[3])])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_classification_is_baselined_again_silently() {
+    let hooks = [hook("all", "customer_active", Side::Any, Side::Any)];
+    let setup = format!(
+        "{CUSTOMERS}
+         INSERT INTO customers VALUES (1, 'active', NULL), (2, 'trial', NULL), (3, 'new', NULL);"
+    );
+    let s = Scenario::new(&setup, &config(&hooks)).await;
+    let dir = classification_dir(&s, &[("customer_active", CUSTOMER_ACTIVE)]);
+    let mut walhook = start(&s, &dir).await;
+    let mut st = Steps::new(&s, "customer_active", "public.customers");
+    st.run(
+        "UPDATE customers SET status = 'active' WHERE id = 3",
+        &[("all", F, T, &[3])],
+    )
+    .await;
+    walhook.sigterm();
+    assert!(walhook.wait_exit(WAIT).await.is_some_and(|s| s.success()));
+    // Trial customers count as active from now on: row 2 is true under the new SQL, but
+    // that is the new baseline, not an event.
+    classification_dir(
+        &s,
+        &[(
+            "customer_active",
+            "SELECT id FROM public.customers WHERE status IN ('active', 'trial') AND deleted_at IS NULL\n",
+        )],
+    );
+    walhook.restart();
+    wait_log_count(&walhook, STREAMING, 2).await;
+    assert!(
+        walhook.log().matches("baseline done").count() >= 2,
+        "no second baseline:\n{}",
+        walhook.log()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    st.expect("after the new baseline", &[]).await;
+    st.run(
+        "UPDATE customers SET status = 'churned' WHERE id = 2",
+        &[("all", T, F, &[2])],
+    )
+    .await;
+    st.run("UPDATE customers SET status = 'trial' WHERE id = 1", &[])
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_toast_columns_come_from_the_state_store() {
     // `doc` is stored out of line, uncompressed; the predicate reads it. Default replica

@@ -611,7 +611,8 @@ impl Classifier {
                     filled.insert((name, t, r), image);
                 }
             }
-            if images.is_empty() {
+            // A table only watched for dependencies has no conditions of its own.
+            if images.is_empty() || table.classes.is_empty() {
                 continue;
             }
             let results = evaluator.evaluate(table, None, &images, &labels).await?;
@@ -633,20 +634,8 @@ impl Classifier {
                     if txn.ctx.lsn < class.active_from {
                         continue;
                     }
-                    let mut transition = |row: Value, from: Side, to: Side| {
-                        if from == to {
-                            return;
-                        }
-                        for sub in &class.subs {
-                            if matches(sub.from, from) && matches(sub.to, to) {
-                                groups
-                                    .entry((sub.webhook, code(from), code(to)))
-                                    .or_insert_with(|| (Vec::new(), class, sub))
-                                    .0
-                                    .push(row.clone());
-                            }
-                        }
-                    };
+                    let mut transition =
+                        |row: Value, from: Side, to: Side| add(&mut groups, class, row, from, to);
                     let prefix = state::class_prefix(&class.name);
                     if changes.truncated {
                         // Every row that existed is gone, unless the transaction wrote it
@@ -698,6 +687,126 @@ impl Classifier {
                         };
                         if !unchanged {
                             overlay.insert(state_key, after);
+                        }
+                    }
+                }
+            }
+            // Dependencies: rows of other tables the conditions read changed; the base rows
+            // they pointed to (before) and point to (after) are evaluated again, live.
+            for (base_name, base) in &self.tables {
+                for class in &base.classes {
+                    if txn.ctx.lsn < class.active_from || class.deps.is_empty() {
+                        continue;
+                    }
+                    let mut pointed: Vec<(usize, Vec<Option<String>>)> = Vec::new();
+                    for (d, dep) in class.deps.iter().enumerate() {
+                        let (Some(changes), Some(watched)) = (
+                            txn.changes.tables.get(&dep.table),
+                            self.tables.get(&dep.table),
+                        ) else {
+                            continue;
+                        };
+                        let mut prefix = state::dependency_prefix(&class.name);
+                        prefix.push(d as u8);
+                        if changes.truncated {
+                            for (key, record) in existing(log, &prefix, &overlay)? {
+                                pointed.push((
+                                    d,
+                                    record.columns.into_iter().map(|(_, v)| v).collect(),
+                                ));
+                                overlay.insert(key, None);
+                            }
+                        }
+                        for (r, (key, change)) in changes.rows.iter().enumerate() {
+                            let dep_key = state::dependency_key(&class.name, d, key);
+                            if let Some(old) = stored(log, &dep_key, &overlay)? {
+                                pointed
+                                    .push((d, old.columns.into_iter().map(|(_, v)| v).collect()));
+                            }
+                            let now: Option<Vec<Option<String>>> = change
+                                .after
+                                .as_ref()
+                                .and_then(|_| filled.get(&(&dep.table, t, r)))
+                                .map(|image| {
+                                    dep.via
+                                        .iter()
+                                        .map(|name| {
+                                            watched
+                                                .columns
+                                                .iter()
+                                                .position(|(n, _)| n == name)
+                                                .and_then(|at| image.get(at).cloned().flatten())
+                                        })
+                                        .collect()
+                                })
+                                .filter(|values: &Vec<Option<String>>| {
+                                    values.iter().all(Option::is_some)
+                                });
+                            match now {
+                                Some(values) => {
+                                    pointed.push((d, values.clone()));
+                                    let record = Record {
+                                        value: Known::False,
+                                        lsn: txn.ctx.lsn,
+                                        columns: dep.via.iter().cloned().zip(values).collect(),
+                                    };
+                                    overlay.insert(dep_key, Some(record));
+                                }
+                                None => {
+                                    overlay.insert(dep_key, None);
+                                }
+                            }
+                        }
+                    }
+                    if pointed.is_empty() {
+                        continue;
+                    }
+                    let touched: HashSet<&str> = txn
+                        .changes
+                        .tables
+                        .get(base_name)
+                        .map(|ch| ch.rows.iter().map(|(k, _)| k.as_str()).collect())
+                        .unwrap_or_default();
+                    let mut seen = HashSet::new();
+                    for (d, dep) in class.deps.iter().enumerate() {
+                        let mut values: Vec<Vec<Option<String>>> = pointed
+                            .iter()
+                            .filter(|(pd, _)| *pd == d)
+                            .map(|(_, v)| v.clone())
+                            .collect();
+                        values.sort();
+                        values.dedup();
+                        if values.is_empty() {
+                            continue;
+                        }
+                        let live = match pointed_rows(evaluator.client(), base, class, dep, &values)
+                            .await
+                        {
+                            Ok(live) => live,
+                            Err(ClassifyError::Definite(m)) => {
+                                tracing::error!(classification = %class.name, dependency = %dep.constraint, error = %m, "re-evaluating the rows a changed row points to failed; they keep their values until their next change or recheck");
+                                continue;
+                            }
+                            Err(e) => return Err(e),
+                        };
+                        for (row, value) in live {
+                            if touched.contains(row.as_str()) || !seen.insert(row.clone()) {
+                                continue;
+                            }
+                            let key = state::row_key(&class.name, &row);
+                            // Rows the stream has not seen yet are its to report.
+                            let Some(mut record) = stored(log, &key, &overlay)? else {
+                                continue;
+                            };
+                            let from = side_of(Some(&record));
+                            let to = if value { Side::True } else { Side::False };
+                            if from == to {
+                                continue;
+                            }
+                            let row_json = serde_json::from_str(&row).unwrap_or(Value::String(row));
+                            add(&mut groups, class, row_json, from, to);
+                            record.value = if value { Known::True } else { Known::False };
+                            overlay.insert(key, Some(record));
                         }
                     }
                 }
@@ -1015,4 +1124,85 @@ pub fn key_text<'a>(key: &[KeyColumn], get: impl Fn(usize) -> Option<&'a str>) -
         object.insert(column.name.clone(), value(i));
     }
     Value::Object(object).to_string()
+}
+
+/// Adds a row's transition to the groups of every webhook that wants it.
+fn add<'a>(groups: &mut Groups<'a>, class: &'a ClassSpec, row: Value, from: Side, to: Side) {
+    if from == to {
+        return;
+    }
+    for sub in &class.subs {
+        if matches(sub.from, from) && matches(sub.to, to) {
+            groups
+                .entry((sub.webhook, code(from), code(to)))
+                .or_insert_with(|| (Vec::new(), class, sub))
+                .0
+                .push(row.clone());
+        }
+    }
+}
+
+/// The live value of `class` for the base rows whose `dep.base` columns hold one of
+/// `values`: (row key JSON text, value).
+async fn pointed_rows(
+    client: &tokio_postgres::Client,
+    table: &ClassifiedTable,
+    class: &ClassSpec,
+    dep: &Dependency,
+    values: &[Vec<Option<String>>],
+) -> Result<Vec<(String, bool)>, ClassifyError> {
+    use crate::config::quote_ident;
+    let keys: Vec<String> = table
+        .key
+        .iter()
+        .map(|k| format!("{}::text", quote_ident(&k.name)))
+        .collect();
+    let columns: Vec<String> = dep
+        .base
+        .iter()
+        .map(|(name, _)| format!("\"__walhook_base\".{}", quote_ident(name)))
+        .collect();
+    let arrays: Vec<String> = dep
+        .base
+        .iter()
+        .enumerate()
+        .map(|(i, (_, sql_type))| format!("${}::text[]::{sql_type}[]", i + 1))
+        .collect();
+    let sql = format!(
+        "SELECT {}, EXISTS (SELECT FROM (SELECT \"__walhook_base\".*) AS {} WHERE {}) FROM {} AS \"__walhook_base\" WHERE ({}) IN (SELECT * FROM unnest({}))",
+        keys.join(", "),
+        quote_ident(&class.alias),
+        class.predicate,
+        table.table.quoted(),
+        columns.join(", "),
+        arrays.join(", ")
+    );
+    let params: Vec<Vec<Option<&str>>> = (0..dep.base.len())
+        .map(|i| {
+            values
+                .iter()
+                .map(|v| v.get(i).and_then(|x| x.as_deref()))
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+    let rows = client.query(&sql, &refs).await.map_err(|e| {
+        let message = e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string());
+        match SourceError::from(e) {
+            SourceError::Transient(m) => ClassifyError::Transient(m),
+            SourceError::Definite(_) => ClassifyError::Definite(message),
+        }
+    })?;
+    let n = table.key.len();
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let texts: Vec<Option<String>> = (0..n).map(|i| row.get(i)).collect();
+            let text = key_text(&table.key, |i| texts[i].as_deref());
+            (text, row.get::<_, bool>(n))
+        })
+        .collect())
 }
