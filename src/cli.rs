@@ -172,12 +172,28 @@ async fn check_command(args: CheckArgs) -> ExitCode {
                     .as_ref()
                     .map(Config::tables)
                     .unwrap_or_else(|| Config::tables_named_in(&args.config));
-                // Classified tables are published too.
+                // Classified tables, and the tables their conditions depend on, are
+                // published too.
                 if let (Some(config), Some((_, found))) = (&config, &classifications) {
-                    for c in classify::used(&config.transitions, found) {
-                        if !tables.contains(&c.table) {
-                            tables.push(c.table.clone());
+                    let used: Vec<classify::Classification> = classify::used(&config.transitions, found)
+                        .into_iter()
+                        .cloned()
+                        .collect();
+                    let base: Vec<_> = used.iter().map(|c| c.table.clone()).collect();
+                    let planned = async {
+                        let (mut infos, _) = crate::schema::describe_tables(&client, &base).await?;
+                        classify::plan(&client, config, &used, &mut infos).await
+                    };
+                    match planned.await {
+                        Ok((planned, plan_problems)) => {
+                            problems.extend(plan_problems);
+                            for t in planned {
+                                if !tables.contains(&t.table) {
+                                    tables.push(t.table);
+                                }
+                            }
                         }
+                        Err(e) => problems.push(format!("checking classifications: {e}")),
                     }
                 }
                 if let Err(e) =
