@@ -175,10 +175,11 @@ async fn check_command(args: CheckArgs) -> ExitCode {
                 // Classified tables, and the tables their conditions depend on, are
                 // published too.
                 if let (Some(config), Some((_, found))) = (&config, &classifications) {
-                    let used: Vec<classify::Classification> = classify::used(&config.transitions, found)
-                        .into_iter()
-                        .cloned()
-                        .collect();
+                    let used: Vec<classify::Classification> =
+                        classify::used(&config.transitions, found)
+                            .into_iter()
+                            .cloned()
+                            .collect();
                     let base: Vec<_> = used.iter().map(|c| c.table.clone()).collect();
                     let planned = async {
                         let (mut infos, _) = crate::schema::describe_tables(&client, &base).await?;

@@ -26,7 +26,7 @@ use crate::classify::{self, baseline::baseline, Classification};
 use crate::config::Config;
 use crate::deliver::http::build_client;
 use crate::deliver::queue::Queue;
-use crate::derive::classification::{ClassifiedTable, Classifier, ClassifyError, StagedTxn};
+use crate::derive::classification::{self, ClassifiedTable, Classifier, ClassifyError, StagedTxn};
 use crate::log::{now_ms, Log, LogError, NewNotification, Origin, Position};
 use crate::schema::describe_tables;
 use crate::shutdown::{requested, Stop};
@@ -117,6 +117,10 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
         ))
     })?;
     let log = Log::open(&opts.data_dir)?;
+    // A huge transaction whose state was being made current when walhook stopped.
+    if classification::finish_applying(&log)? {
+        tracing::info!("finished recording the state of a large transaction interrupted by a stop");
+    }
     let mut tables = config.tables();
     for c in &classifications {
         if !tables.contains(&c.table) {
@@ -175,6 +179,7 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
         opts: &opts,
         log: &log,
         classifier: Classifier::new(classified, db.clone()),
+        spilled: None,
         acked: confirmed,
         durable_tx,
     };
@@ -476,6 +481,12 @@ struct Stream<'a> {
     opts: &'a RunOptions,
     log: &'a Log,
     classifier: Classifier,
+    /// The open transaction whose touched rows of classified tables went to the scratch
+    /// area (its commit LSN), and the TRUNCATEs of it already applied there.
+    spilled: Option<(
+        u64,
+        std::collections::HashMap<crate::config::TableName, u32>,
+    )>,
     /// The highest position reported to the server. Never moves backwards, across sessions
     /// too: a new session starts here.
     acked: Lsn,
@@ -495,6 +506,7 @@ impl Stream<'_> {
             // Committed transactions not written yet are streamed again.
             let logged = self.log.position()?.map_or(0, |p| p.commit_lsn);
             assembler.reset(logged);
+            self.spilled = None;
             match self.session(assembler, stop, &mut backoff).await? {
                 SessionEnd::Stopped => return Ok(()),
                 SessionEnd::Failed(e) if e.is_transient() => {
@@ -594,8 +606,15 @@ impl Stream<'_> {
                             assembler.begin(final_lsn, commit_time_micros);
                         }
                         ReplicationEvent::XLogData { data, .. } => match assembler.change(&data) {
-                            Ok(ready) if ready.is_empty() => {}
-                            Ok(ready) => self.log.append(&ready, None, now_ms())?,
+                            Ok(ready) => {
+                                if !ready.is_empty() {
+                                    self.log.append(&ready, None, now_ms())?;
+                                }
+                                // A huge transaction's touched rows leave memory.
+                                if assembler.classified_rows() >= SPILL_ROWS {
+                                    self.spill(assembler)?;
+                                }
+                            }
                             Err(TxnError::Protocol(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
                             Err(e @ TxnError::Definite(_)) => return Err(RunError::Stream(e.to_string())),
                         },
@@ -603,6 +622,24 @@ impl Stream<'_> {
                             // A whole transaction went through: the session works, so the next
                             // interruption starts the backoff afresh. (Not at Begin: a stream
                             // that fails at the same place every time must back off.)
+                            Ok(Some(committed)) if self.spilled.as_ref().is_some_and(|(l, _)| *l == lsn.0) => {
+                                backoff.reset();
+                                // The transactions before it come first.
+                                if !staged.is_empty() {
+                                    match staged.write(self.log, &mut self.classifier).await {
+                                        Ok(position) => applied = position,
+                                        Err(ClassifyError::Transient(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
+                                        Err(e) => return Err(RunError::Stream(e.to_string())),
+                                    }
+                                    applied_tx.send_replace(applied);
+                                }
+                                match self.write_spilled(committed).await {
+                                    Ok(position) => applied = Some(position),
+                                    Err(ClassifyError::Transient(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
+                                    Err(e) => return Err(RunError::Stream(e.to_string())),
+                                }
+                                applied_tx.send_replace(applied);
+                            }
                             Ok(Some(committed)) => {
                                 backoff.reset();
                                 if committed.spilled {
@@ -687,6 +724,52 @@ impl Stream<'_> {
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
         Ok(end)
+    }
+
+    /// Moves the open transaction's touched rows of classified tables to the scratch area.
+    fn spill(&mut self, assembler: &mut Assembler) -> Result<(), LogError> {
+        let Some((lsn, changes)) = assembler.drain_changes() else {
+            return Ok(());
+        };
+        let first = self.spilled.as_ref().is_none_or(|(l, _)| *l != lsn);
+        if first {
+            tracing::info!(lsn = %Lsn(lsn), "a large transaction: its rows of classified tables are kept in the data dir, not in memory");
+            self.spilled = Some((lsn, Default::default()));
+        }
+        if let Some((_, truncations)) = self.spilled.as_mut() {
+            classification::spill(self.log, changes, first, truncations)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a spilled transaction: its remaining mutation notifications, its transitions
+    /// (derived chunk by chunk from the scratch area), then its state and position.
+    async fn write_spilled(
+        &mut self,
+        mut committed: crate::txn::Committed,
+    ) -> Result<Position, ClassifyError> {
+        let lsn = committed.position.commit_lsn;
+        let changes = std::mem::take(&mut committed.changes);
+        let truncated = changes.truncated();
+        let (_, mut truncations) = self.spilled.take().unwrap_or_default();
+        classification::spill(self.log, changes, false, &mut truncations)?;
+        // Invisible to delivery until the position is written.
+        self.log.append(&committed.notifications, None, now_ms())?;
+        let transitions = self
+            .classifier
+            .evaluate_spilled(&committed.ctx, &truncated, self.log)
+            .await?;
+        // An interrupted earlier pass may have written more notifications for a webhook.
+        let mut counts = committed.ordinals;
+        for hook in self.classifier.hooks() {
+            counts.entry(hook).or_insert(0);
+        }
+        counts.extend(transitions);
+        for (hook, count) in &counts {
+            self.log.truncate_transaction(hook, lsn, *count)?;
+        }
+        classification::apply_staged(self.log, committed.position)?;
+        Ok(committed.position)
     }
 
     /// Runs the due rechecks; their notifications are numbered after the log's last
@@ -790,6 +873,9 @@ const GROUP_NOTIFICATIONS: usize = 256;
 const GROUP_TRANSACTIONS: usize = 1024;
 /// and at most this many touched rows of classified tables (evaluated together).
 const GROUP_CLASSIFIED_ROWS: usize = 4096;
+/// A transaction touching more rows of classified tables than this keeps them in the data
+/// dir instead of memory.
+const SPILL_ROWS: usize = 10_000;
 
 /// Flushes the log whenever transactions were appended, then publishes the commit LSN the
 /// flush covered. Ends (after a last flush) when the session drops `applied`.

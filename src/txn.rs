@@ -165,6 +165,17 @@ impl Assembler {
         self.txn.is_some()
     }
 
+    /// How many touched rows of classified tables the open transaction holds in memory.
+    pub fn classified_rows(&self) -> usize {
+        self.txn.as_ref().map_or(0, |t| t.changes.rows())
+    }
+
+    /// Takes the open transaction's touched rows out of memory (to be spilled), with its
+    /// commit LSN.
+    pub fn drain_changes(&mut self) -> Option<(u64, TxnChanges)> {
+        self.txn.as_mut().map(|t| (t.ctx.lsn, t.changes.drain()))
+    }
+
     pub fn begin(&mut self, final_lsn: Lsn, commit_time_micros: i64) {
         let unix_micros = commit_time_micros.saturating_add(PG_EPOCH_OFFSET_MICROS);
         let committed_at = UNIX_EPOCH + Duration::from_micros(unix_micros.max(0) as u64);

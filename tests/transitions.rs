@@ -873,6 +873,120 @@ async fn a_changed_classification_is_baselined_again_silently() {
         .await;
 }
 
+/// The rows of every transition (from, to) of `hook` among the notifications with an id not
+/// in `seen`, once `total` rows arrived (or `WAIT` passed); checks `max_rows` on the way.
+async fn rows_by_transition(
+    s: &Scenario,
+    seen: &mut BTreeSet<String>,
+    total: usize,
+    max_rows: usize,
+) -> BTreeMap<(&'static str, &'static str), BTreeSet<i64>> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let fresh: Vec<Note> = notes(&s.receiver.requests(), "even", "public.items")
+            .into_iter()
+            .filter(|n| !seen.contains(&n.webhook_id))
+            .collect();
+        let count: usize = fresh.iter().map(|n| n.rows.len()).sum();
+        if count >= total || Instant::now() >= deadline {
+            tokio::time::sleep(QUIET).await;
+            let mut out: BTreeMap<(&str, &str), BTreeSet<i64>> = BTreeMap::new();
+            for n in notes(&s.receiver.requests(), "even", "public.items") {
+                if !seen.insert(n.webhook_id.clone()) {
+                    continue;
+                }
+                assert!(n.rows.len() <= max_rows, "{} rows > max_rows", n.rows.len());
+                let rows = out.entry((show(n.from), show(n.to))).or_default();
+                for row in n.rows {
+                    assert!(rows.insert(row), "row {row} listed twice");
+                }
+            }
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_transaction_streams_through_the_data_dir() {
+    let hooks = [Hook {
+        extra: "max_rows = 5000",
+        ..hook("all", "even", Side::Any, Side::Any)
+    }];
+    let setup = "CREATE TABLE items (id bigint PRIMARY KEY, n int NOT NULL);";
+    let s = Scenario::new(setup, &config(&hooks)).await;
+    let dir = classification_dir(
+        &s,
+        &[("even", "SELECT id FROM public.items WHERE n % 2 = 0\n")],
+    );
+    let mut walhook = start(&s, &dir).await;
+    let mut seen = BTreeSet::new();
+    let set = |range: std::ops::RangeInclusive<i64>, even: bool| -> BTreeSet<i64> {
+        range.filter(|i| (i % 2 == 0) == even).collect()
+    };
+
+    s.pg.exec("INSERT INTO items SELECT i, i FROM generate_series(1, 30000) i")
+        .await;
+    let got = rows_by_transition(&s, &mut seen, 30_000, 5000).await;
+    let want = BTreeMap::from([
+        (("null", "true"), set(1..=30_000, true)),
+        (("null", "false"), set(1..=30_000, false)),
+    ]);
+    assert!(
+        got == want,
+        "the insert's transitions differ: {:?}",
+        summary(&got)
+    );
+    assert!(
+        walhook.log().contains("a large transaction"),
+        "the transaction was not spilled:\n{}",
+        walhook.log()
+    );
+
+    // 5001..20000 change parity; 1..5000 change and change back (net: nothing).
+    s.pg.exec(
+        "BEGIN; UPDATE items SET n = n + 1 WHERE id <= 20000;
+         UPDATE items SET n = n - 1 WHERE id <= 5000; COMMIT;",
+    )
+    .await;
+    let got = rows_by_transition(&s, &mut seen, 15_000, 5000).await;
+    let want = BTreeMap::from([
+        (("true", "false"), set(5001..=20_000, true)),
+        (("false", "true"), set(5001..=20_000, false)),
+    ]);
+    assert!(
+        got == want,
+        "the update's transitions differ: {:?}",
+        summary(&got)
+    );
+
+    // The state is the transaction's: a crash now and a restart change nothing, and the
+    // next change compares with it.
+    walhook.kill9();
+    walhook.restart();
+    wait_log_count(&walhook, STREAMING, 2).await;
+    let mut st = Steps::new(&s, "even", "public.items");
+    st.seen = seen;
+    st.run(
+        "UPDATE items SET n = 0 WHERE id IN (5001, 5002, 25001)",
+        &[("all", F, T, &[5002, 25001])],
+    )
+    .await;
+}
+
+/// (from, to) → how many rows, and the first few.
+fn summary(got: &BTreeMap<(&str, &str), BTreeSet<i64>>) -> Vec<String> {
+    got.iter()
+        .map(|((f, t), rows)| {
+            format!(
+                "{f}->{t}: {} rows, first {:?}",
+                rows.len(),
+                rows.iter().take(5).collect::<Vec<_>>()
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_toast_columns_come_from_the_state_store() {
     // `doc` is stored out of line, uncompressed; the predicate reads it. Default replica

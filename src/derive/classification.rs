@@ -52,6 +52,9 @@ pub struct TableChanges {
     pub truncated: bool,
     pub rows: Vec<(String, RowChange)>,
     index: HashMap<String, usize>,
+    /// How many TRUNCATEs of the table the transaction made so far (a spilled transaction's
+    /// earlier rows are dropped when this grows).
+    pub truncations: u32,
 }
 
 impl TableChanges {
@@ -82,6 +85,7 @@ impl TableChanges {
         self.rows.clear();
         self.index.clear();
         self.truncated = true;
+        self.truncations += 1;
     }
 
     pub fn len(&self) -> usize {
@@ -106,6 +110,32 @@ impl TxnChanges {
 
     pub fn rows(&self) -> usize {
         self.tables.values().map(TableChanges::len).sum()
+    }
+
+    /// Takes the touched rows out, leaving which tables were truncated.
+    pub fn drain(&mut self) -> TxnChanges {
+        let mut out = TxnChanges::default();
+        for (table, changes) in &mut self.tables {
+            out.tables.insert(
+                table.clone(),
+                TableChanges {
+                    truncated: changes.truncated,
+                    rows: std::mem::take(&mut changes.rows),
+                    index: std::mem::take(&mut changes.index),
+                    truncations: changes.truncations,
+                },
+            );
+        }
+        out
+    }
+
+    /// The tables the transaction truncated.
+    pub fn truncated(&self) -> Vec<TableName> {
+        self.tables
+            .iter()
+            .filter(|(_, c)| c.truncated)
+            .map(|(t, _)| t.clone())
+            .collect()
     }
 }
 
@@ -531,7 +561,13 @@ impl Classifier {
             .and_then(|b| serde_json::from_slice::<(u64, u32)>(&b).ok())
             .filter(|(lsn, _)| *lsn == at.lsn)
             .map_or(0, |(_, next)| next);
-        let notifications = emit(at, groups, RECHECK_ORDINALS + counter, true);
+        let notifications = emit(
+            at,
+            groups,
+            &mut HashMap::new(),
+            RECHECK_ORDINALS + counter,
+            true,
+        );
         let used = notifications
             .iter()
             .map(|n| n.key.ordinal - RECHECK_ORDINALS + 1)
@@ -548,6 +584,16 @@ impl Classifier {
 
     pub fn is_empty(&self) -> bool {
         self.tables.is_empty()
+    }
+
+    /// Every webhook that wants transitions.
+    pub fn hooks(&self) -> Vec<String> {
+        self.tables
+            .values()
+            .flat_map(|t| &t.classes)
+            .flat_map(|c| &c.subs)
+            .map(|s| s.hook_id.clone())
+            .collect()
     }
 
     /// Forgets the connection (after an error), so the next evaluation connects afresh.
@@ -568,18 +614,105 @@ impl Classifier {
             let client = self.db.connect().await?;
             self.evaluator = Some(Evaluator::new(client, false));
         }
-        let result = self.evaluate_connected(txns, log).await;
+        let mut overlay = Overlay::default();
+        let result = self.derive(txns, log, &mut overlay, None).await;
         if matches!(result, Err(ClassifyError::Transient(_))) {
             self.evaluator = None;
         }
-        result
+        let notifications = result?;
+        let mut writes: StateWrites = overlay
+            .writes
+            .into_iter()
+            .map(|(k, v)| (k, v.map(|r| r.encode())))
+            .collect();
+        writes.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((notifications, writes))
     }
 
-    async fn evaluate_connected(
+    /// Derives the transitions of one spilled (huge) transaction from its changes in the
+    /// scratch area, a chunk at a time: notifications are written as they come (invisible
+    /// until the position is), state writes go to the staging area. Returns how many
+    /// notifications each webhook got. The caller then makes the staged state current with
+    /// [`apply_staged`].
+    pub async fn evaluate_spilled(
+        &mut self,
+        ctx: &TxnContext,
+        truncated: &[TableName],
+        log: &Log,
+    ) -> Result<BTreeMap<String, u32>, ClassifyError> {
+        if self.evaluator.is_none() {
+            let client = self.db.connect().await?;
+            self.evaluator = Some(Evaluator::new(client, false));
+        }
+        let mut overlay = Overlay {
+            staged: true,
+            ..Overlay::default()
+        };
+        let mut ordinals = HashMap::new();
+        let names: Vec<TableName> = self.tables.keys().cloned().collect();
+        for name in names {
+            let prefix = scratch_prefix(&name);
+            let mut from = prefix.clone();
+            let mut first = true;
+            loop {
+                let page = log.scan_raw(&prefix, &from, EVALUATION_BATCH)?;
+                let truncate = first && truncated.contains(&name);
+                if page.is_empty() && !truncate {
+                    break;
+                }
+                first = false;
+                let mut changes = TableChanges {
+                    truncated: truncate,
+                    ..TableChanges::default()
+                };
+                for (key, bytes) in &page {
+                    let Some(row) = state::row_of(&prefix, key) else {
+                        continue;
+                    };
+                    let after = decode_change(bytes).map_err(|reason| LogError::Corrupt {
+                        key: String::from_utf8_lossy(key).into_owned(),
+                        reason,
+                    })?;
+                    let row_json = serde_json::from_str(&row).unwrap_or(Value::String(row));
+                    changes.touch(row_json, after);
+                }
+                if let Some((last, _)) = page.last() {
+                    from = last.to_vec();
+                    from.push(0);
+                }
+                let mut chunk = TxnChanges::default();
+                chunk.tables.insert(name.clone(), changes);
+                let chunk = [StagedTxn {
+                    ctx: ctx.clone(),
+                    changes: chunk,
+                }];
+                let result = self
+                    .derive(&chunk, log, &mut overlay, Some(&mut ordinals))
+                    .await;
+                if matches!(result, Err(ClassifyError::Transient(_))) {
+                    self.evaluator = None;
+                }
+                log.append(&result?, None, crate::log::now_ms())?;
+                overlay.stage(log)?;
+                if page.len() < EVALUATION_BATCH {
+                    break;
+                }
+            }
+        }
+        Ok(ordinals.into_iter().collect())
+    }
+
+    /// Derives the transitions of `txns` in commit order. `spilled` is given for one
+    /// spilled transaction's chunks: numbering goes on from chunk to chunk, and which rows
+    /// the transaction touched is looked up in the scratch area. Otherwise every transaction
+    /// numbers its notifications from 0.
+    async fn derive(
         &mut self,
         txns: &[StagedTxn],
         log: &Log,
-    ) -> Result<(Vec<NewNotification>, StateWrites), ClassifyError> {
+        overlay: &mut Overlay,
+        mut spilled: Option<&mut HashMap<String, u32>>,
+    ) -> Result<Vec<NewNotification>, ClassifyError> {
         let Some(evaluator) = self.evaluator.as_mut() else {
             return Err(ClassifyError::Transient("not connected".into()));
         };
@@ -622,7 +755,14 @@ impl Classifier {
         }
 
         // Pass 2, per transaction in commit order: before vs after.
-        let mut overlay: HashMap<Vec<u8>, Option<Record>> = HashMap::new();
+        let in_scratch = spilled.is_some();
+        let touched_in = |table: &TableName, changes: Option<&TableChanges>, row: &str| {
+            if in_scratch {
+                log.get_raw(&scratch_key(table, row)).map(|v| v.is_some())
+            } else {
+                Ok(changes.is_some_and(|c| c.index.contains_key(row)))
+            }
+        };
         let mut notifications = Vec::new();
         for (t, txn) in txns.iter().enumerate() {
             let mut groups: Groups<'_> = BTreeMap::new();
@@ -640,26 +780,24 @@ impl Classifier {
                     if changes.truncated {
                         // Every row that existed is gone, unless the transaction wrote it
                         // again after the TRUNCATE (handled with the touched rows below).
-                        let touched: HashSet<&str> =
-                            changes.rows.iter().map(|(k, _)| k.as_str()).collect();
-                        for (key, record) in existing(log, &prefix, &overlay)? {
+                        for (key, record) in existing(log, &prefix, overlay)? {
                             let Some(row) = state::row_of(&prefix, &key) else {
                                 continue;
                             };
-                            if touched.contains(row.as_str()) {
+                            if touched_in(name, Some(changes), &row)? {
                                 continue;
                             }
                             let row_json: Value =
                                 serde_json::from_str(&row).unwrap_or(Value::String(row));
                             transition(row_json, side_of(Some(&record)), Side::Null);
-                            overlay.insert(key, None);
+                            overlay.writes.insert(key, None);
                         }
                     }
                     for (r, (key, change)) in changes.rows.iter().enumerate() {
                         let state_key = state::row_key(&class.name, key);
                         // The value before the transaction: an earlier transaction of the
                         // group, or the store.
-                        let before = stored(log, &state_key, &overlay)?;
+                        let before = stored(log, &state_key, overlay)?;
                         let after = match (&change.after, values.get(&(name, t, r))) {
                             (Some(_), Some(v)) => Some(Record {
                                 // A failed evaluation keeps the last known value: as if
@@ -686,7 +824,7 @@ impl Classifier {
                             _ => false,
                         };
                         if !unchanged {
-                            overlay.insert(state_key, after);
+                            overlay.writes.insert(state_key, after);
                         }
                     }
                 }
@@ -709,17 +847,17 @@ impl Classifier {
                         let mut prefix = state::dependency_prefix(&class.name);
                         prefix.push(d as u8);
                         if changes.truncated {
-                            for (key, record) in existing(log, &prefix, &overlay)? {
+                            for (key, record) in existing(log, &prefix, overlay)? {
                                 pointed.push((
                                     d,
                                     record.columns.into_iter().map(|(_, v)| v).collect(),
                                 ));
-                                overlay.insert(key, None);
+                                overlay.writes.insert(key, None);
                             }
                         }
                         for (r, (key, change)) in changes.rows.iter().enumerate() {
                             let dep_key = state::dependency_key(&class.name, d, key);
-                            if let Some(old) = stored(log, &dep_key, &overlay)? {
+                            if let Some(old) = stored(log, &dep_key, overlay)? {
                                 pointed
                                     .push((d, old.columns.into_iter().map(|(_, v)| v).collect()));
                             }
@@ -750,10 +888,10 @@ impl Classifier {
                                         lsn: txn.ctx.lsn,
                                         columns: dep.via.iter().cloned().zip(values).collect(),
                                     };
-                                    overlay.insert(dep_key, Some(record));
+                                    overlay.writes.insert(dep_key, Some(record));
                                 }
                                 None => {
-                                    overlay.insert(dep_key, None);
+                                    overlay.writes.insert(dep_key, None);
                                 }
                             }
                         }
@@ -761,12 +899,7 @@ impl Classifier {
                     if pointed.is_empty() {
                         continue;
                     }
-                    let touched: HashSet<&str> = txn
-                        .changes
-                        .tables
-                        .get(base_name)
-                        .map(|ch| ch.rows.iter().map(|(k, _)| k.as_str()).collect())
-                        .unwrap_or_default();
+                    let base_changes = txn.changes.tables.get(base_name);
                     let mut seen = HashSet::new();
                     for (d, dep) in class.deps.iter().enumerate() {
                         let mut values: Vec<Vec<Option<String>>> = pointed
@@ -790,12 +923,14 @@ impl Classifier {
                             Err(e) => return Err(e),
                         };
                         for (row, value) in live {
-                            if touched.contains(row.as_str()) || !seen.insert(row.clone()) {
+                            if touched_in(base_name, base_changes, &row)?
+                                || !seen.insert(row.clone())
+                            {
                                 continue;
                             }
                             let key = state::row_key(&class.name, &row);
                             // Rows the stream has not seen yet are its to report.
-                            let Some(mut record) = stored(log, &key, &overlay)? else {
+                            let Some(mut record) = stored(log, &key, overlay)? else {
                                 continue;
                             };
                             let from = side_of(Some(&record));
@@ -806,19 +941,19 @@ impl Classifier {
                             let row_json = serde_json::from_str(&row).unwrap_or(Value::String(row));
                             add(&mut groups, class, row_json, from, to);
                             record.value = if value { Known::True } else { Known::False };
-                            overlay.insert(key, Some(record));
+                            overlay.writes.insert(key, Some(record));
                         }
                     }
                 }
             }
-            notifications.extend(emit(&txn.ctx, groups, 0, false));
+            let mut fresh = HashMap::new();
+            let ordinals = match spilled.as_deref_mut() {
+                Some(ordinals) => ordinals,
+                None => &mut fresh,
+            };
+            notifications.extend(emit(&txn.ctx, groups, ordinals, 0, false));
         }
-        let mut writes: StateWrites = overlay
-            .into_iter()
-            .map(|(k, v)| (k, v.map(|r| r.encode())))
-            .collect();
-        writes.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok((notifications, writes))
+        Ok(notifications)
     }
 }
 
@@ -862,13 +997,9 @@ fn decode(key: &[u8], bytes: &[u8]) -> Result<Record, LogError> {
 }
 
 /// The record under `key` as of the end of the group's transactions so far.
-fn stored(
-    log: &Log,
-    key: &[u8],
-    overlay: &HashMap<Vec<u8>, Option<Record>>,
-) -> Result<Option<Record>, LogError> {
-    if let Some(record) = overlay.get(key) {
-        return Ok(record.clone());
+fn stored(log: &Log, key: &[u8], overlay: &Overlay) -> Result<Option<Record>, LogError> {
+    if let Some(record) = overlay.get(log, key)? {
+        return Ok(record);
     }
     match log.get_raw(key)? {
         None => Ok(None),
@@ -876,33 +1007,273 @@ fn stored(
     }
 }
 
-/// Every record under `prefix` as of the group's transactions so far, in key order.
+/// Every record under `prefix` as of the transactions derived so far, in key order.
 fn existing(
     log: &Log,
     prefix: &[u8],
-    overlay: &HashMap<Vec<u8>, Option<Record>>,
+    overlay: &Overlay,
 ) -> Result<Vec<(Vec<u8>, Record)>, LogError> {
     let mut all: BTreeMap<Vec<u8>, Record> = BTreeMap::new();
-    let mut from = prefix.to_vec();
-    loop {
-        let page = log.scan_raw(prefix, &from, 10_000)?;
-        let Some((last, _)) = page.last() else {
-            break;
-        };
-        from = last.to_vec();
-        from.push(0);
-        for (key, bytes) in page {
-            if !overlay.contains_key(key.as_ref()) {
-                all.insert(key.to_vec(), decode(&key, &bytes)?);
+    let mut pages = |scan: &[u8], staged: bool| -> Result<(), LogError> {
+        let mut from = scan.to_vec();
+        loop {
+            let page = log.scan_raw(scan, &from, 10_000)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
+            from = last.to_vec();
+            from.push(0);
+            for (key, bytes) in page {
+                if staged {
+                    let key = key[1..].to_vec();
+                    match decode_staged(&key, &bytes)? {
+                        Some(record) => all.insert(key, record),
+                        None => all.remove(&key),
+                    };
+                } else {
+                    all.insert(key.to_vec(), decode(&key, &bytes)?);
+                }
             }
         }
+    };
+    pages(prefix, false)?;
+    if overlay.staged {
+        pages(&staged_key(prefix), true)?;
     }
-    for (key, record) in overlay {
-        if let (true, Some(record)) = (key.starts_with(prefix), record) {
-            all.insert(key.clone(), record.clone());
+    for (key, record) in &overlay.writes {
+        if key.starts_with(prefix) {
+            match record {
+                Some(record) => all.insert(key.clone(), record.clone()),
+                None => all.remove(key),
+            };
         }
     }
     Ok(all.into_iter().collect())
+}
+
+/// State writes of the transactions being derived, not in the store yet. For a spilled
+/// transaction each chunk's writes move to the staging area (`b'y'` + state key), so that
+/// memory holds one chunk; the store itself changes only once the whole transaction is
+/// derived (a replay after a crash must find the state from before the transaction).
+#[derive(Default)]
+struct Overlay {
+    writes: HashMap<Vec<u8>, Option<Record>>,
+    staged: bool,
+}
+
+impl Overlay {
+    /// `Some(record or removal)` when the transactions being derived wrote `key`.
+    fn get(&self, log: &Log, key: &[u8]) -> Result<Option<Option<Record>>, LogError> {
+        if let Some(record) = self.writes.get(key) {
+            return Ok(Some(record.clone()));
+        }
+        if self.staged {
+            if let Some(bytes) = log.get_raw(&staged_key(key))? {
+                return decode_staged(key, &bytes).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Moves the writes to the staging area.
+    fn stage(&mut self, log: &Log) -> Result<(), LogError> {
+        let entries: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
+            .writes
+            .drain()
+            .map(|(key, record)| {
+                let mut value = vec![u8::from(record.is_some())];
+                if let Some(record) = record {
+                    value.extend(record.encode());
+                }
+                (staged_key(&key), Some(value))
+            })
+            .collect();
+        log.write_raw(&entries)
+    }
+}
+
+/// The staging area: a spilled transaction's state writes (`[1]` + record, `[0]` removal).
+const STAGED: u8 = b'y';
+/// The scratch area: a spilled transaction's touched rows, by table and row.
+const SCRATCH: u8 = b'x';
+/// Marks a spilled transaction whose staged state is being made current: its position.
+const APPLYING: &[u8] = b"mapplying";
+
+fn staged_key(key: &[u8]) -> Vec<u8> {
+    let mut staged = Vec::with_capacity(key.len() + 1);
+    staged.push(STAGED);
+    staged.extend_from_slice(key);
+    staged
+}
+
+fn decode_staged(key: &[u8], bytes: &[u8]) -> Result<Option<Record>, LogError> {
+    match bytes.split_first() {
+        Some((1, record)) => decode(key, record).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn scratch_prefix(table: &TableName) -> Vec<u8> {
+    let mut key = vec![SCRATCH];
+    key.extend_from_slice(table.to_string().as_bytes());
+    key.push(0);
+    key
+}
+
+fn scratch_key(table: &TableName, row: &str) -> Vec<u8> {
+    let mut key = scratch_prefix(table);
+    key.extend_from_slice(row.as_bytes());
+    key
+}
+
+/// A spilled row change: `[0]` deleted, or `[1]` and per cell `0` null, `1` + length + text,
+/// `2` unchanged.
+fn encode_change(after: &Option<Vec<Cell>>) -> Vec<u8> {
+    let Some(cells) = after else {
+        return vec![0];
+    };
+    let mut out = vec![1];
+    for cell in cells {
+        match cell {
+            Cell::Null => out.push(0),
+            Cell::Text(t) => {
+                out.push(1);
+                out.extend_from_slice(&(t.len() as u32).to_be_bytes());
+                out.extend_from_slice(t.as_bytes());
+            }
+            Cell::Unchanged => out.push(2),
+        }
+    }
+    out
+}
+
+fn decode_change(bytes: &[u8]) -> Result<Option<Vec<Cell>>, String> {
+    let Some((&tag, mut rest)) = bytes.split_first() else {
+        return Err("empty change".into());
+    };
+    if tag == 0 {
+        return Ok(None);
+    }
+    let mut cells = Vec::new();
+    while let Some((&kind, tail)) = rest.split_first() {
+        rest = tail;
+        cells.push(match kind {
+            0 => Cell::Null,
+            2 => Cell::Unchanged,
+            1 => {
+                if rest.len() < 4 {
+                    return Err("truncated change".into());
+                }
+                let (len, tail) = rest.split_at(4);
+                let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                if tail.len() < len {
+                    return Err("truncated change".into());
+                }
+                let (text, tail) = tail.split_at(len);
+                rest = tail;
+                Cell::Text(String::from_utf8_lossy(text).into_owned())
+            }
+            other => return Err(format!("unknown cell tag {other}")),
+        });
+    }
+    Ok(Some(cells))
+}
+
+/// Spills a huge transaction's touched rows out of memory into the scratch area. A row
+/// already there keeps its earlier cells where the new image has unchanged TOAST values.
+/// `first`: the transaction's first spill (clears what an interrupted earlier pass left in
+/// the scratch and staging areas). `truncations` tracks the TRUNCATEs already applied.
+pub fn spill(
+    log: &Log,
+    changes: TxnChanges,
+    first: bool,
+    truncations: &mut HashMap<TableName, u32>,
+) -> Result<(), LogError> {
+    if first {
+        log.remove_prefix(&[SCRATCH])?;
+        log.remove_prefix(&[STAGED])?;
+        truncations.clear();
+    }
+    for (table, changes) in changes.tables {
+        let seen = truncations.entry(table.clone()).or_insert(0);
+        if changes.truncations > *seen {
+            // Rows spilled before the TRUNCATE are gone with it.
+            log.remove_prefix(&scratch_prefix(&table))?;
+            *seen = changes.truncations;
+        }
+        let mut entries = Vec::with_capacity(changes.rows.len());
+        for (row, change) in changes.rows {
+            let key = scratch_key(&table, &row);
+            let mut after = change.after;
+            if let Some(cells) = &mut after {
+                if cells.contains(&Cell::Unchanged) {
+                    if let Some(bytes) = log.get_raw(&key)? {
+                        if let Ok(Some(earlier)) = decode_change(&bytes) {
+                            for (cell, old) in cells.iter_mut().zip(earlier) {
+                                if *cell == Cell::Unchanged {
+                                    *cell = old;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            entries.push((key, Some(encode_change(&after))));
+        }
+        log.write_raw(&entries)?;
+    }
+    Ok(())
+}
+
+/// Makes a spilled transaction's staged state current and writes its position: first a
+/// marker holding the position (a crash from here on is finished at the next start by
+/// [`finish_applying`]), then the staged records in batches, then the position together
+/// with the marker's removal.
+pub fn apply_staged(log: &Log, position: crate::log::Position) -> Result<(), LogError> {
+    log.write_raw(&[(
+        APPLYING.to_vec(),
+        Some(serde_json::to_vec(&position).unwrap_or_default()),
+    )])?;
+    finish_applying(log)?;
+    Ok(())
+}
+
+/// Finishes making a spilled transaction's staged state current, if a crash interrupted
+/// it. Returns whether there was one.
+pub fn finish_applying(log: &Log) -> Result<bool, LogError> {
+    let Some(bytes) = log.get_raw(APPLYING)? else {
+        return Ok(false);
+    };
+    let position: crate::log::Position =
+        serde_json::from_slice(&bytes).map_err(|e| LogError::Corrupt {
+            key: "mapplying".into(),
+            reason: e.to_string(),
+        })?;
+    let prefix = [STAGED];
+    loop {
+        let page = log.scan_raw(&prefix, &prefix, 10_000)?;
+        if page.is_empty() {
+            break;
+        }
+        let mut entries = Vec::with_capacity(page.len() * 2);
+        for (key, bytes) in &page {
+            let value = match bytes.split_first() {
+                Some((1, record)) => Some(record.to_vec()),
+                _ => None,
+            };
+            entries.push((key[1..].to_vec(), value));
+            entries.push((key.to_vec(), None));
+        }
+        log.write_raw(&entries)?;
+    }
+    log.remove_prefix(&[SCRATCH])?;
+    log.append_with_state(
+        &[],
+        &[(APPLYING.to_vec(), None)],
+        Some(position),
+        crate::log::now_ms(),
+    )?;
+    Ok(true)
 }
 
 /// `cells` with unchanged TOAST values filled in: from the row's previous image in the group,
@@ -999,8 +1370,13 @@ type Groups<'a> = BTreeMap<(usize, u8, u8), (Vec<Value>, &'a ClassSpec, &'a Tran
 
 /// One transaction's notifications: per (webhook, actual from, actual to), at most
 /// `max_rows` rows each; ordinals count per webhook from 0.
-fn emit(ctx: &TxnContext, groups: Groups<'_>, first: u32, recheck: bool) -> Vec<NewNotification> {
-    let mut ordinals: HashMap<&str, u32> = HashMap::new();
+fn emit(
+    ctx: &TxnContext,
+    groups: Groups<'_>,
+    ordinals: &mut HashMap<String, u32>,
+    first: u32,
+    recheck: bool,
+) -> Vec<NewNotification> {
     let mut out = Vec::new();
     let decode_side = |c: u8| match c {
         0 => Side::Null,
@@ -1009,7 +1385,7 @@ fn emit(ctx: &TxnContext, groups: Groups<'_>, first: u32, recheck: bool) -> Vec<
     };
     for ((_, from, to), (rows, class, sub)) in groups {
         for chunk in rows.chunks(sub.max_rows.max(1)) {
-            let ordinal = ordinals.entry(sub.hook_id.as_str()).or_insert(first);
+            let ordinal = ordinals.entry(sub.hook_id.clone()).or_insert(first);
             let body = Body {
                 hook_id: &sub.hook_id,
                 event: &sub.event,
