@@ -174,13 +174,25 @@ async fn check_command(args: CheckArgs) -> ExitCode {
                     .unwrap_or_else(|| Config::tables_named_in(&args.config));
                 // Classified tables, and the tables their conditions depend on, are
                 // published too.
-                if let (Some(config), Some((_, found))) = (&config, &classifications) {
+                // (`columns` events keep state too: their columns are checked here.)
+                if let Some(config) = &config {
+                    let found = classifications
+                        .as_ref()
+                        .map(|(_, found)| found.as_slice())
+                        .unwrap_or_default();
                     let used: Vec<classify::Classification> =
                         classify::used(&config.transitions, found)
                             .into_iter()
                             .cloned()
                             .collect();
-                    let base: Vec<_> = used.iter().map(|c| c.table.clone()).collect();
+                    let mut base: Vec<_> = used.iter().map(|c| c.table.clone()).collect();
+                    base.extend(
+                        config
+                            .events
+                            .iter()
+                            .filter(|e| !e.columns.is_empty())
+                            .map(|e| e.table.clone()),
+                    );
                     let planned = async {
                         let (mut infos, _) = crate::schema::describe_tables(&client, &base).await?;
                         classify::plan(&client, config, &used, &mut infos).await

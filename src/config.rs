@@ -75,6 +75,9 @@ pub struct Event {
     pub name: String,
     pub table: TableName,
     pub ops: Vec<Op>,
+    /// `columns = [...]`: an update counts only when one of these columns really changed
+    /// (compared with the row state store). Empty: every update counts.
+    pub columns: Vec<String>,
 }
 
 /// The row operations an event can subscribe to.
@@ -209,6 +212,7 @@ struct RawEvent {
     classification: Option<String>,
     from: Option<String>,
     to: Option<String>,
+    columns: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -358,11 +362,25 @@ fn validate(
             ));
         }
         ops.sort();
+        let columns = e.columns.clone().unwrap_or_default();
+        if e.columns.is_some() {
+            if !ops.contains(&Op::Update) {
+                problems.push(format!(
+                    "{at}: `columns` restricts updates, but `on` lacks \"update\"; add it to `on` or remove `columns`"
+                ));
+            }
+            if columns.is_empty() {
+                problems.push(format!(
+                    "{at}: `columns` is empty; list the columns whose change counts, or remove it"
+                ));
+            }
+        }
         if let Some(table) = table {
             events.push(Event {
                 name: e.name,
                 table,
                 ops,
+                columns,
             });
         }
     }
@@ -492,9 +510,9 @@ fn transition(
     at: &str,
     problems: &mut Vec<String>,
 ) -> Option<TransitionEvent> {
-    if e.table.is_some() || e.on.is_some() {
+    if e.table.is_some() || e.on.is_some() || e.columns.is_some() {
         problems.push(format!(
-            "{at}: a classification event takes no `table` or `on` (the classification's SQL names its table); remove them"
+            "{at}: a classification event takes no `table`, `on` or `columns` (the classification's SQL names its table); remove them"
         ));
     }
     let side = |value: &Option<String>, key: &str, problems: &mut Vec<String>| {

@@ -391,10 +391,14 @@ async fn baselines(
     let mut needed = Vec::new();
     for (t, table) in classified.iter_mut().enumerate() {
         for (c, class) in table.classes.iter_mut().enumerate() {
-            let Some(definition) = classifications.iter().find(|d| d.name == class.name) else {
-                continue;
+            let fingerprint = if class.watch {
+                classify::watch_fingerprint(class)
+            } else {
+                let Some(definition) = classifications.iter().find(|d| d.name == class.name) else {
+                    continue;
+                };
+                classify::fingerprint(definition)
             };
-            let fingerprint = classify::fingerprint(definition);
             let stored: Option<ClassMeta> = log
                 .get_raw(&state::meta_key(&class.name))
                 .map_err(definite)?
@@ -757,7 +761,7 @@ impl Stream<'_> {
         self.log.append(&committed.notifications, None, now_ms())?;
         let transitions = self
             .classifier
-            .evaluate_spilled(&committed.ctx, &truncated, self.log)
+            .evaluate_spilled(&committed.ctx, &truncated, &committed.ordinals, self.log)
             .await?;
         // An interrupted earlier pass may have written more notifications for a webhook.
         let mut counts = committed.ordinals;
@@ -833,6 +837,7 @@ impl Staged {
             self.classified.push(StagedTxn {
                 ctx: committed.ctx,
                 changes: committed.changes,
+                ordinals: committed.ordinals,
             });
         }
         self.position = Some(committed.position);

@@ -125,7 +125,14 @@ impl Assembler {
                         webhook: index,
                         hook_id: webhook.id.clone(),
                         event: event.name.clone(),
-                        ops: event.ops.clone(),
+                        // With `columns`, updates are judged against the row state store
+                        // when the transaction is written (derive::classification).
+                        ops: event
+                            .ops
+                            .iter()
+                            .copied()
+                            .filter(|op| event.columns.is_empty() || *op != Op::Update)
+                            .collect(),
                         max_rows: webhook.max_rows,
                     });
             }
@@ -346,17 +353,21 @@ impl Assembler {
         if let Some(positions) = &route.image {
             let changes = txn.changes.tables.entry(route.table.clone()).or_default();
             match op {
-                Op::Delete => changes.touch(row.clone(), None),
+                Op::Delete => changes.touch(row.clone(), None, false),
                 _ => {
                     // A key change moves the row: the old key's row is gone.
                     if let Some(old) = old {
                         if let Ok(old_row) = row_key(&route.table, key, old, None) {
                             if old_row != row {
-                                changes.touch(old_row, None);
+                                changes.touch(old_row, None, false);
                             }
                         }
                     }
-                    changes.touch(row.clone(), Some(image(positions, tuple, old)));
+                    changes.touch(
+                        row.clone(),
+                        Some(image(positions, tuple, old)),
+                        op == Op::Update,
+                    );
                 }
             }
         }

@@ -2,6 +2,7 @@
 //! real binary against a throwaway PostgreSQL cluster and a real local HTTP receiver.
 mod bad_input;
 mod classifications;
+mod columns;
 mod delivery;
 mod durability;
 mod harness;

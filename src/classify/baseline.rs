@@ -124,7 +124,7 @@ pub async fn baseline(
                 })
                 .collect();
             let record = Record {
-                value: value[0],
+                value: value[class],
                 lsn: 0,
                 columns,
             };

@@ -152,6 +152,24 @@ pub fn used<'a>(
         .collect()
 }
 
+/// The state's name for event `event`'s `columns`: not a classification name (those have
+/// no '.').
+pub fn watch_name(event: &str) -> String {
+    format!("columns.{event}")
+}
+
+/// What a `columns` watch's state was built for: its table and columns.
+pub fn watch_fingerprint(spec: &ClassSpec) -> String {
+    let mut hash = Sha256::new();
+    hash.update(spec.table.to_string().as_bytes());
+    hash.update([0]);
+    hash.update(spec.columns.join("\0").as_bytes());
+    hash.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Which SQL a classification's state was built for: its query and table. Comments and the
 /// recheck interval are not part of it.
 pub fn fingerprint(c: &Classification) -> String {
@@ -251,6 +269,66 @@ pub async fn plan(
                 subs,
                 recheck: c.recheck,
                 deps,
+                watch: false,
+            });
+        }
+    }
+    // `columns = [...]` events: the state keeps those columns of every row, and an update
+    // counts when one of them differs from it.
+    for e in config.events.iter().filter(|e| !e.columns.is_empty()) {
+        let Some(info) = infos.get(&e.table) else {
+            continue;
+        };
+        let all = planned(&mut tables, client, &e.table, info.oid).await?;
+        let missing: Vec<&str> = e
+            .columns
+            .iter()
+            .filter(|c| !all.iter().any(|(name, _)| name == *c))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!(
+                "event {:?}: `columns` names {} not in table {} (it has: {}); fix the column names",
+                e.name,
+                missing.join(", "),
+                e.table,
+                all.iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            continue;
+        }
+        let subs = config
+            .webhooks
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.event == e.name)
+            .map(|(index, w)| TransitionSub {
+                webhook: index,
+                hook_id: w.id.clone(),
+                event: e.name.clone(),
+                from: crate::config::Side::Any,
+                to: crate::config::Side::Any,
+                max_rows: w.max_rows,
+            })
+            .collect();
+        if let Some(entry) = tables.get_mut(&e.table) {
+            entry.classes.push(ClassSpec {
+                name: watch_name(&e.name),
+                table: e.table.clone(),
+                alias: e.table.name.clone(),
+                predicate: String::new(),
+                columns: all
+                    .iter()
+                    .filter(|(name, _)| e.columns.contains(name))
+                    .map(|(name, _)| name.clone())
+                    .collect(),
+                active_from: 0,
+                subs,
+                recheck: None,
+                deps: Vec::new(),
+                watch: true,
             });
         }
     }

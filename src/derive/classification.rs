@@ -43,6 +43,8 @@ pub enum Cell {
 pub struct RowChange {
     pub row: Value,
     pub after: Option<Vec<Cell>>,
+    /// An UPDATE touched the row (a `columns` event reports only updates).
+    pub updated: bool,
 }
 
 /// One table's touched rows in a transaction, in order of first touch.
@@ -60,11 +62,12 @@ pub struct TableChanges {
 impl TableChanges {
     /// Records a row's new image (or its deletion). A later image of the same row replaces
     /// the earlier one; its unchanged TOAST cells keep the earlier image's values.
-    pub fn touch(&mut self, row: Value, mut after: Option<Vec<Cell>>) {
+    pub fn touch(&mut self, row: Value, mut after: Option<Vec<Cell>>, updated: bool) {
         let key = row.to_string();
         match self.index.get(&key) {
             Some(&at) => {
                 let change = &mut self.rows[at].1;
+                change.updated |= updated;
                 if let (Some(prev), Some(new)) = (&change.after, &mut after) {
                     for (cell, old) in new.iter_mut().zip(prev) {
                         if *cell == Cell::Unchanged {
@@ -76,7 +79,14 @@ impl TableChanges {
             }
             None => {
                 self.index.insert(key.clone(), self.rows.len());
-                self.rows.push((key, RowChange { row, after }));
+                self.rows.push((
+                    key,
+                    RowChange {
+                        row,
+                        after,
+                        updated,
+                    },
+                ));
             }
         }
     }
@@ -143,6 +153,9 @@ impl TxnChanges {
 pub struct StagedTxn {
     pub ctx: TxnContext,
     pub changes: TxnChanges,
+    /// How many mutation notifications each webhook got from the transaction: a `columns`
+    /// event's updates are numbered after them.
+    pub ordinals: BTreeMap<String, u32>,
 }
 
 /// A webhook's interest in transitions of one classification.
@@ -174,6 +187,9 @@ pub struct ClassSpec {
     pub recheck: Option<std::time::Duration>,
     /// Other tables the condition reads, tied to the base rows by a foreign key.
     pub deps: Vec<Dependency>,
+    /// Not a classification but an event's `columns = [...]`: no condition; the state keeps
+    /// the columns, and an update where one of them differs is reported (`op: "update"`).
+    pub watch: bool,
 }
 
 /// A foreign key between a classification's table and another table its condition reads:
@@ -262,7 +278,13 @@ impl Evaluator {
         let classes: Vec<usize> = match only {
             Some(i) => vec![i],
             None => (0..table.classes.len()).collect(),
-        };
+        }
+        .into_iter()
+        .filter(|&i| !table.classes[i].watch)
+        .collect();
+        if classes.is_empty() {
+            return Ok(vec![vec![Known::False; table.classes.len()]; images.len()]);
+        }
         let mut out = Vec::with_capacity(images.len());
         for (chunk, names) in images
             .chunks(EVALUATION_BATCH)
@@ -291,10 +313,10 @@ impl Evaluator {
     ) -> Result<Vec<Vec<Known>>, ClassifyError> {
         let mut out = Vec::with_capacity(images.len());
         for (image, label) in images.iter().zip(labels) {
-            let mut values = Vec::with_capacity(classes.len());
+            let mut values = vec![Known::False; table.classes.len()];
             for &class in classes {
                 match self.run(table, &[class], std::slice::from_ref(image)).await {
-                    Ok(v) => values.push(v[0][0]),
+                    Ok(v) => values[class] = v[0][class],
                     Err(Failure::Rows(message)) => {
                         tracing::error!(
                             classification = %table.classes[class].name,
@@ -303,7 +325,7 @@ impl Evaluator {
                             error = %message,
                             "the classification's condition fails for this row: the row keeps its last known value (no transition) until a later change evaluates cleanly"
                         );
-                        values.push(Known::Unknown);
+                        values[class] = Known::Unknown;
                     }
                     Err(Failure::Fatal(e)) => return Err(e),
                 }
@@ -382,15 +404,16 @@ impl Evaluator {
             }
             Err(e) => return Err(fatal(table, classes, e)),
         };
-        let mut out = vec![vec![Known::False; classes.len()]; images.len()];
+        // Indexed by class, whichever classes were asked.
+        let mut out = vec![vec![Known::False; table.classes.len()]; images.len()];
         for row in rows {
             let number: i32 = row.get(0);
             let Some(values) = out.get_mut(number as usize) else {
                 continue;
             };
-            for (i, value) in values.iter_mut().enumerate() {
+            for (i, &class) in classes.iter().enumerate() {
                 if row.get::<_, bool>(i + 1) {
-                    *value = Known::True;
+                    values[class] = Known::True;
                 }
             }
         }
@@ -638,6 +661,7 @@ impl Classifier {
         &mut self,
         ctx: &TxnContext,
         truncated: &[TableName],
+        mutation_ordinals: &BTreeMap<String, u32>,
         log: &Log,
     ) -> Result<BTreeMap<String, u32>, ClassifyError> {
         if self.evaluator.is_none() {
@@ -648,7 +672,10 @@ impl Classifier {
             staged: true,
             ..Overlay::default()
         };
-        let mut ordinals = HashMap::new();
+        let mut ordinals: HashMap<String, u32> = mutation_ordinals
+            .iter()
+            .map(|(h, n)| (h.clone(), *n))
+            .collect();
         let names: Vec<TableName> = self.tables.keys().cloned().collect();
         for name in names {
             let prefix = scratch_prefix(&name);
@@ -669,12 +696,13 @@ impl Classifier {
                     let Some(row) = state::row_of(&prefix, key) else {
                         continue;
                     };
-                    let after = decode_change(bytes).map_err(|reason| LogError::Corrupt {
-                        key: String::from_utf8_lossy(key).into_owned(),
-                        reason,
-                    })?;
+                    let (after, updated) =
+                        decode_change(bytes).map_err(|reason| LogError::Corrupt {
+                            key: String::from_utf8_lossy(key).into_owned(),
+                            reason,
+                        })?;
                     let row_json = serde_json::from_str(&row).unwrap_or(Value::String(row));
-                    changes.touch(row_json, after);
+                    changes.touch(row_json, after, updated);
                 }
                 if let Some((last, _)) = page.last() {
                     from = last.to_vec();
@@ -685,6 +713,7 @@ impl Classifier {
                 let chunk = [StagedTxn {
                     ctx: ctx.clone(),
                     changes: chunk,
+                    ordinals: BTreeMap::new(),
                 }];
                 let result = self
                     .derive(&chunk, log, &mut overlay, Some(&mut ordinals))
@@ -774,8 +803,6 @@ impl Classifier {
                     if txn.ctx.lsn < class.active_from {
                         continue;
                     }
-                    let mut transition =
-                        |row: Value, from: Side, to: Side| add(&mut groups, class, row, from, to);
                     let prefix = state::class_prefix(&class.name);
                     if changes.truncated {
                         // Every row that existed is gone, unless the transaction wrote it
@@ -787,9 +814,19 @@ impl Classifier {
                             if touched_in(name, Some(changes), &row)? {
                                 continue;
                             }
-                            let row_json: Value =
-                                serde_json::from_str(&row).unwrap_or(Value::String(row));
-                            transition(row_json, side_of(Some(&record)), Side::Null);
+                            // (A `columns` watch only forgets: the TRUNCATE is reported
+                            // as such.)
+                            if !class.watch {
+                                let row_json: Value =
+                                    serde_json::from_str(&row).unwrap_or(Value::String(row));
+                                add(
+                                    &mut groups,
+                                    class,
+                                    row_json,
+                                    side_of(Some(&record)),
+                                    Side::Null,
+                                );
+                            }
                             overlay.writes.insert(key, None);
                         }
                     }
@@ -813,11 +850,29 @@ impl Classifier {
                             }),
                             _ => None,
                         };
-                        transition(
-                            change.row.clone(),
-                            side_of(before.as_ref()),
-                            side_of(after.as_ref()),
-                        );
+                        if class.watch {
+                            // An update (the row was there before and after) where one of
+                            // the columns differs.
+                            if let (Some(b), Some(a), true) = (&before, &after, change.updated) {
+                                if b.columns != a.columns {
+                                    for sub in &class.subs {
+                                        groups
+                                            .entry((sub.webhook, UPDATE, UPDATE))
+                                            .or_insert_with(|| (Vec::new(), class, sub))
+                                            .0
+                                            .push(change.row.clone());
+                                    }
+                                }
+                            }
+                        } else {
+                            add(
+                                &mut groups,
+                                class,
+                                change.row.clone(),
+                                side_of(before.as_ref()),
+                                side_of(after.as_ref()),
+                            );
+                        }
                         let unchanged = match (&before, &after) {
                             (Some(b), Some(a)) => b.value == a.value && b.columns == a.columns,
                             (None, None) => true,
@@ -946,7 +1001,9 @@ impl Classifier {
                     }
                 }
             }
-            let mut fresh = HashMap::new();
+            // A webhook's own mutation notifications of the transaction come first.
+            let mut fresh: HashMap<String, u32> =
+                txn.ordinals.iter().map(|(h, n)| (h.clone(), *n)).collect();
             let ordinals = match spilled.as_deref_mut() {
                 Some(ordinals) => ordinals,
                 None => &mut fresh,
@@ -1126,13 +1183,13 @@ fn scratch_key(table: &TableName, row: &str) -> Vec<u8> {
     key
 }
 
-/// A spilled row change: `[0]` deleted, or `[1]` and per cell `0` null, `1` + length + text,
-/// `2` unchanged.
-fn encode_change(after: &Option<Vec<Cell>>) -> Vec<u8> {
+/// A spilled row change: `[0]` deleted (`[3]` deleted after an update), or `[1]` (`[2]`
+/// updated) and per cell `0` null, `1` + length + text, `2` unchanged.
+fn encode_change(after: &Option<Vec<Cell>>, updated: bool) -> Vec<u8> {
     let Some(cells) = after else {
-        return vec![0];
+        return vec![if updated { 3 } else { 0 }];
     };
-    let mut out = vec![1];
+    let mut out = vec![if updated { 2 } else { 1 }];
     for cell in cells {
         match cell {
             Cell::Null => out.push(0),
@@ -1147,12 +1204,13 @@ fn encode_change(after: &Option<Vec<Cell>>) -> Vec<u8> {
     out
 }
 
-fn decode_change(bytes: &[u8]) -> Result<Option<Vec<Cell>>, String> {
+fn decode_change(bytes: &[u8]) -> Result<(Option<Vec<Cell>>, bool), String> {
     let Some((&tag, mut rest)) = bytes.split_first() else {
         return Err("empty change".into());
     };
-    if tag == 0 {
-        return Ok(None);
+    let updated = tag == 2 || tag == 3;
+    if tag == 0 || tag == 3 {
+        return Ok((None, updated));
     }
     let mut cells = Vec::new();
     while let Some((&kind, tail)) = rest.split_first() {
@@ -1176,7 +1234,7 @@ fn decode_change(bytes: &[u8]) -> Result<Option<Vec<Cell>>, String> {
             other => return Err(format!("unknown cell tag {other}")),
         });
     }
-    Ok(Some(cells))
+    Ok((Some(cells), updated))
 }
 
 /// Spills a huge transaction's touched rows out of memory into the scratch area. A row
@@ -1205,20 +1263,20 @@ pub fn spill(
         for (row, change) in changes.rows {
             let key = scratch_key(&table, &row);
             let mut after = change.after;
-            if let Some(cells) = &mut after {
-                if cells.contains(&Cell::Unchanged) {
-                    if let Some(bytes) = log.get_raw(&key)? {
-                        if let Ok(Some(earlier)) = decode_change(&bytes) {
-                            for (cell, old) in cells.iter_mut().zip(earlier) {
-                                if *cell == Cell::Unchanged {
-                                    *cell = old;
-                                }
+            let mut updated = change.updated;
+            if let Some(bytes) = log.get_raw(&key)? {
+                if let Ok((earlier, earlier_updated)) = decode_change(&bytes) {
+                    updated |= earlier_updated;
+                    if let (Some(cells), Some(earlier)) = (&mut after, earlier) {
+                        for (cell, old) in cells.iter_mut().zip(earlier) {
+                            if *cell == Cell::Unchanged {
+                                *cell = old;
                             }
                         }
                     }
                 }
             }
-            entries.push((key, Some(encode_change(&after))));
+            entries.push((key, Some(encode_change(&after, updated))));
         }
         log.write_raw(&entries)?;
     }
@@ -1360,6 +1418,21 @@ struct Body<'a> {
     recheck: bool,
 }
 
+/// A `columns` event's update: the same body as any mutation notification.
+#[derive(Serialize)]
+struct UpdateBody<'a> {
+    hook_id: &'a str,
+    event: &'a str,
+    table: String,
+    op: &'static str,
+    rows: &'a [Value],
+    lsn: &'a str,
+    committed_at: &'a str,
+}
+
+/// The group key of a `columns` event's updates (transitions use 0..=2).
+const UPDATE: u8 = 9;
+
 #[derive(Serialize)]
 struct Transition {
     from: Value,
@@ -1386,6 +1459,27 @@ fn emit(
     for ((_, from, to), (rows, class, sub)) in groups {
         for chunk in rows.chunks(sub.max_rows.max(1)) {
             let ordinal = ordinals.entry(sub.hook_id.clone()).or_insert(first);
+            if class.watch {
+                let body = UpdateBody {
+                    hook_id: &sub.hook_id,
+                    event: &sub.event,
+                    table: class.table.to_string(),
+                    op: "update",
+                    rows: chunk,
+                    lsn: &ctx.lsn_text,
+                    committed_at: &ctx.committed_at,
+                };
+                out.push(NewNotification {
+                    key: NotificationKey {
+                        hook: sub.hook_id.clone(),
+                        lsn: ctx.lsn,
+                        ordinal: *ordinal,
+                    },
+                    body: serde_json::to_vec(&body).unwrap_or_default(),
+                });
+                *ordinal += 1;
+                continue;
+            }
             let body = Body {
                 hook_id: &sub.hook_id,
                 event: &sub.event,
