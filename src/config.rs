@@ -78,6 +78,40 @@ pub struct Event {
     /// `columns = [...]`: an update counts only when one of these columns really changed
     /// (compared with the row state store). Empty: every update counts.
     pub columns: Vec<String>,
+    /// `relation = ...`: a relation event (then `ops` is empty).
+    pub relation: Option<RelationEvent>,
+}
+
+/// A relation event: links between the event's table and another, through a foreign key
+/// (named by its constraint) or a join table (named `schema.table`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelationEvent {
+    pub name: String,
+    pub ops: Vec<RelOp>,
+}
+
+/// What a relation event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RelOp {
+    Added,
+    Removed,
+    RelatedChange,
+}
+
+impl RelOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelOp::Added => "relation_added",
+            RelOp::Removed => "relation_removed",
+            RelOp::RelatedChange => "related_change",
+        }
+    }
+
+    fn parse(s: &str) -> Option<RelOp> {
+        [RelOp::Added, RelOp::Removed, RelOp::RelatedChange]
+            .into_iter()
+            .find(|op| op.as_str() == s)
+    }
 }
 
 /// The row operations an event can subscribe to.
@@ -213,6 +247,7 @@ struct RawEvent {
     from: Option<String>,
     to: Option<String>,
     columns: Option<Vec<String>>,
+    relation: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -346,11 +381,55 @@ fn validate(
                 "{at}: table {table_text:?} is not a table name; write it as \"schema.table\""
             ));
         }
+        if let Some(relation) = &e.relation {
+            let mut rel_ops = Vec::new();
+            for op in on {
+                match RelOp::parse(op) {
+                    Some(op) if !rel_ops.contains(&op) => rel_ops.push(op),
+                    Some(_) => {}
+                    None => problems.push(format!(
+                        "{at}: {op:?} in `on` of a relation event; use any of \"relation_added\", \"relation_removed\", \"related_change\" (row operations go in an event without `relation`)"
+                    )),
+                }
+            }
+            if on.is_empty() {
+                problems.push(format!(
+                    "{at}: `on` is empty; list e.g. on = [\"relation_added\", \"relation_removed\"]"
+                ));
+            }
+            if e.columns.is_some() {
+                problems.push(format!(
+                    "{at}: `columns` restricts updates and does not apply to a relation event; remove it"
+                ));
+            }
+            if relation.trim().is_empty() {
+                problems.push(format!(
+                    "{at}: `relation` is empty; name a foreign key constraint or a join table (schema.table)"
+                ));
+            }
+            rel_ops.sort();
+            if let Some(table) = table {
+                events.push(Event {
+                    name: e.name,
+                    table,
+                    ops: Vec::new(),
+                    columns: Vec::new(),
+                    relation: Some(RelationEvent {
+                        name: relation.clone(),
+                        ops: rel_ops,
+                    }),
+                });
+            }
+            continue;
+        }
         let mut ops = Vec::new();
         for op in on {
             match Op::parse(op) {
                 Some(op) if !ops.contains(&op) => ops.push(op),
                 Some(_) => {}
+                None if RelOp::parse(op).is_some() => problems.push(format!(
+                    "{at}: {op:?} needs `relation` (a foreign key constraint name or a join table) in the event"
+                )),
                 None => problems.push(format!(
                     "{at}: unknown operation {op:?} in `on`; use any of \"insert\", \"update\", \"delete\", \"truncate\""
                 )),
@@ -381,6 +460,7 @@ fn validate(
                 table,
                 ops,
                 columns,
+                relation: None,
             });
         }
     }
@@ -510,7 +590,7 @@ fn transition(
     at: &str,
     problems: &mut Vec<String>,
 ) -> Option<TransitionEvent> {
-    if e.table.is_some() || e.on.is_some() || e.columns.is_some() {
+    if e.table.is_some() || e.on.is_some() || e.columns.is_some() || e.relation.is_some() {
         problems.push(format!(
             "{at}: a classification event takes no `table`, `on` or `columns` (the classification's SQL names its table); remove them"
         ));

@@ -7,5 +7,6 @@ mod delivery;
 mod durability;
 mod harness;
 mod mutations;
+mod relations;
 mod support;
 mod transitions;

@@ -26,8 +26,10 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{quote_ident, Config, TableName, TransitionEvent};
-use crate::derive::classification::{ClassSpec, ClassifiedTable, Dependency, TransitionSub};
+use crate::config::{quote_ident, Config, RelOp, RelationEvent, TableName, TransitionEvent};
+use crate::derive::classification::{
+    ClassSpec, ClassifiedTable, Dependency, End, RelationPlan, TransitionSub,
+};
 use crate::schema::{describe_tables, TableInfo};
 use crate::source::SourceError;
 
@@ -270,6 +272,7 @@ pub async fn plan(
                 recheck: c.recheck,
                 deps,
                 watch: false,
+                relation: None,
             });
         }
     }
@@ -329,6 +332,85 @@ pub async fn plan(
                 recheck: None,
                 deps: Vec::new(),
                 watch: true,
+                relation: None,
+            });
+        }
+    }
+    // Relation events: the links are kept per row of the table that holds them (the
+    // referencing table of a foreign key, or the join table).
+    for e in config.events.iter() {
+        let Some(relation) = &e.relation else {
+            continue;
+        };
+        let resolved = match resolve_relation(client, &e.table, relation).await? {
+            Ok(resolved) => resolved,
+            Err(problem) => {
+                problems.push(format!("event {:?}: {problem}", e.name));
+                continue;
+            }
+        };
+        if resolved.related_change_unsupported && relation.ops.contains(&RelOp::RelatedChange) {
+            problems.push(format!(
+                "event {:?}: related_change counts changes of the rows that point to the event's table; with foreign key {} the event's table {} is the one pointing: subscribe from {} instead",
+                e.name, relation.name, e.table, resolved.other
+            ));
+            continue;
+        }
+        if !infos.contains_key(&resolved.watched) {
+            let (found, table_problems) =
+                describe_tables(client, std::slice::from_ref(&resolved.watched)).await?;
+            for p in table_problems {
+                problems.push(format!(
+                    "event {:?}: relation {}: {p}",
+                    e.name, relation.name
+                ));
+            }
+            infos.extend(found);
+        }
+        let Some(info) = infos.get(&resolved.watched) else {
+            continue;
+        };
+        let oid = info.oid;
+        let all = planned(&mut tables, client, &resolved.watched, oid).await?;
+        let subs = config
+            .webhooks
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.event == e.name)
+            .map(|(index, w)| TransitionSub {
+                webhook: index,
+                hook_id: w.id.clone(),
+                event: e.name.clone(),
+                from: crate::config::Side::Any,
+                to: crate::config::Side::Any,
+                max_rows: w.max_rows,
+            })
+            .collect();
+        let pointing: Vec<&String> = [&resolved.plan.row, &resolved.plan.related]
+            .into_iter()
+            .flat_map(|end| match end {
+                End::Own => Vec::new(),
+                End::Points { columns, .. } => columns.iter().collect(),
+            })
+            .collect();
+        let columns = all
+            .iter()
+            .filter(|(name, _)| pointing.contains(&name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if let Some(entry) = tables.get_mut(&resolved.watched) {
+            entry.classes.push(ClassSpec {
+                name: format!("relation.{}", e.name),
+                table: resolved.watched.clone(),
+                alias: resolved.watched.name.clone(),
+                predicate: String::new(),
+                columns,
+                active_from: 0,
+                subs,
+                recheck: None,
+                deps: Vec::new(),
+                watch: true,
+                relation: Some(resolved.plan),
             });
         }
     }
@@ -380,6 +462,204 @@ async fn planned(
         },
     );
     Ok(all)
+}
+
+/// A relation event resolved against the catalog.
+struct Resolved {
+    /// The table whose rows hold the links.
+    watched: TableName,
+    plan: RelationPlan,
+    /// The other table (for messages).
+    other: TableName,
+    /// related_change cannot apply: the event's table is the referencing one.
+    related_change_unsupported: bool,
+}
+
+/// One foreign key from the catalog.
+struct ForeignKey {
+    name: String,
+    from: TableName,
+    to: TableName,
+    /// (referencing column, referenced column), in the constraint's order.
+    pairs: Vec<(String, String)>,
+}
+
+async fn foreign_keys(
+    client: &tokio_postgres::Client,
+    condition: &str,
+    param: &(dyn tokio_postgres::types::ToSql + Sync),
+) -> Result<Vec<ForeignKey>, SourceError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT con.conname::text, cn.nspname::text, c.relname::text, pn.nspname::text, p.relname::text, \
+                        (SELECT array_agg(a.attname::text ORDER BY k.ord) \
+                           FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord) \
+                           JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum), \
+                        (SELECT array_agg(a.attname::text ORDER BY k.ord) \
+                           FROM unnest(con.confkey) WITH ORDINALITY AS k(attnum, ord) \
+                           JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum) \
+                 FROM pg_constraint con \
+                 JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace \
+                 JOIN pg_class p ON p.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace \
+                 WHERE con.contype = 'f' AND {condition} ORDER BY con.conname"
+            ),
+            &[param],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let from_cols: Vec<String> = r.get(5);
+            let to_cols: Vec<String> = r.get(6);
+            ForeignKey {
+                name: r.get(0),
+                from: TableName {
+                    schema: r.get(1),
+                    name: r.get(2),
+                },
+                to: TableName {
+                    schema: r.get(3),
+                    name: r.get(4),
+                },
+                pairs: from_cols.into_iter().zip(to_cols).collect(),
+            }
+        })
+        .collect())
+}
+
+/// The end of `fk` at its referenced table, as that table's primary key.
+async fn points(
+    client: &tokio_postgres::Client,
+    fk: &ForeignKey,
+) -> Result<Result<End, String>, SourceError> {
+    let (infos, problems) = describe_tables(client, std::slice::from_ref(&fk.to)).await?;
+    let Some(info) = infos.get(&fk.to) else {
+        return Ok(Err(problems.join("; ")));
+    };
+    let mut columns = Vec::new();
+    for k in &info.key {
+        match fk.pairs.iter().find(|(_, to)| *to == k.name) {
+            Some((from, _)) => columns.push(from.clone()),
+            None => {
+                return Ok(Err(format!(
+                    "foreign key {} references columns of {} other than its primary key; walhook names related rows by primary key",
+                    fk.name, fk.to
+                )))
+            }
+        }
+    }
+    if columns.len() != fk.pairs.len() {
+        return Ok(Err(format!(
+            "foreign key {} references columns of {} other than its primary key; walhook names related rows by primary key",
+            fk.name, fk.to
+        )));
+    }
+    Ok(Ok(End::Points {
+        columns,
+        key: info.key.clone(),
+    }))
+}
+
+/// Resolves `relation` (a foreign key constraint name, or a join table `schema.table`) for
+/// an event on `table`. The inner error is the user's problem, one line.
+async fn resolve_relation(
+    client: &tokio_postgres::Client,
+    table: &TableName,
+    relation: &RelationEvent,
+) -> Result<Result<Resolved, String>, SourceError> {
+    let ops = relation.ops.clone();
+    if relation.name.contains('.') {
+        let Some(join) = TableName::parse(&relation.name) else {
+            return Ok(Err(format!(
+                "relation {:?} is neither a constraint name nor schema.table",
+                relation.name
+            )));
+        };
+        let keys = foreign_keys(
+            client,
+            "con.conrelid = (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname || '.' || c.relname = $1)",
+            &join.to_string(),
+        )
+        .await?;
+        if keys.len() != 2 {
+            return Ok(Err(format!(
+                "join table {join} must have exactly two foreign keys to be a relation (it has {}{}); name a foreign key constraint instead",
+                keys.len(),
+                if keys.is_empty() { ", or does not exist" } else { "" }
+            )));
+        }
+        let (mine, other) = if keys[0].to == *table {
+            (&keys[0], &keys[1])
+        } else if keys[1].to == *table {
+            (&keys[1], &keys[0])
+        } else {
+            return Ok(Err(format!(
+                "join table {join} links {} and {}, not the event's table {table}",
+                keys[0].to, keys[1].to
+            )));
+        };
+        let row = match points(client, mine).await? {
+            Ok(end) => end,
+            Err(problem) => return Ok(Err(problem)),
+        };
+        let related = match points(client, other).await? {
+            Ok(end) => end,
+            Err(problem) => return Ok(Err(problem)),
+        };
+        return Ok(Ok(Resolved {
+            watched: join,
+            other: other.to.clone(),
+            related_change_unsupported: false,
+            plan: RelationPlan {
+                name: relation.name.clone(),
+                ops,
+                table: table.clone(),
+                row,
+                related,
+            },
+        }));
+    }
+    let keys = foreign_keys(client, "con.conname = $1", &relation.name).await?;
+    if keys.is_empty() {
+        return Ok(Err(format!(
+            "relation {:?} is not a foreign key constraint of this database (a join table is named schema.table); check the name in \\d of the referencing table",
+            relation.name
+        )));
+    }
+    let Some(fk) = keys.iter().find(|k| k.from == *table || k.to == *table) else {
+        return Ok(Err(format!(
+            "foreign key {} links {} to {}, not the event's table {table}; subscribe from one of them",
+            relation.name, keys[0].from, keys[0].to
+        )));
+    };
+    if fk.from == fk.to {
+        return Ok(Err(format!(
+            "foreign key {} references its own table; not supported as a relation yet",
+            relation.name
+        )));
+    }
+    let parent = match points(client, fk).await? {
+        Ok(end) => end,
+        Err(problem) => return Ok(Err(problem)),
+    };
+    let (row, related, other) = if fk.to == *table {
+        (parent, End::Own, fk.from.clone())
+    } else {
+        (End::Own, parent, fk.to.clone())
+    };
+    Ok(Ok(Resolved {
+        watched: fk.from.clone(),
+        related_change_unsupported: fk.from == *table,
+        other,
+        plan: RelationPlan {
+            name: relation.name.clone(),
+            ops,
+            table: table.clone(),
+            row,
+            related,
+        },
+    }))
 }
 
 /// The foreign keys between `c`'s table and the other tables its condition names (one hop,

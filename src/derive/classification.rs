@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
 use crate::classify::{evaluation_query, Condition};
-use crate::config::{Side, TableName};
+use crate::config::{RelOp, Side, TableName};
 use crate::derive::mutation::TxnContext;
 use crate::log::{Log, LogError, NewNotification, NotificationKey};
 use crate::schema::KeyColumn;
@@ -187,9 +187,38 @@ pub struct ClassSpec {
     pub recheck: Option<std::time::Duration>,
     /// Other tables the condition reads, tied to the base rows by a foreign key.
     pub deps: Vec<Dependency>,
-    /// Not a classification but an event's `columns = [...]`: no condition; the state keeps
-    /// the columns, and an update where one of them differs is reported (`op: "update"`).
+    /// Not a classification but an event's `columns = [...]` or `relation`: no condition;
+    /// the state keeps the columns. For `columns`, an update where one of them differs is
+    /// reported (`op: "update"`).
     pub watch: bool,
+    /// A relation event's links, held by the rows of `table`.
+    pub relation: Option<RelationPlan>,
+}
+
+/// A relation event: which links a row of the watched table holds, as (row of the event's
+/// table, related row of the other end).
+#[derive(Debug, Clone)]
+pub struct RelationPlan {
+    /// The constraint or join table, as the event names it.
+    pub name: String,
+    pub ops: Vec<crate::config::RelOp>,
+    /// The event's table (its rows are the notification's `rows`).
+    pub table: TableName,
+    pub row: End,
+    pub related: End,
+}
+
+/// One end of a link, seen from a row of the watched table.
+#[derive(Debug, Clone)]
+pub enum End {
+    /// The watched row itself (its primary key).
+    Own,
+    /// The row a foreign key of the watched row points to: its columns (in the watched
+    /// table), in the order of the referenced table's primary key `key`.
+    Points {
+        columns: Vec<String>,
+        key: Vec<KeyColumn>,
+    },
 }
 
 /// A foreign key between a classification's table and another table its condition reads:
@@ -795,6 +824,7 @@ impl Classifier {
         let mut notifications = Vec::new();
         for (t, txn) in txns.iter().enumerate() {
             let mut groups: Groups<'_> = BTreeMap::new();
+            let mut links: Links<'_> = BTreeMap::new();
             for (name, changes) in &txn.changes.tables {
                 let Some(table) = self.tables.get(name) else {
                     continue;
@@ -804,6 +834,71 @@ impl Classifier {
                         continue;
                     }
                     let prefix = state::class_prefix(&class.name);
+                    if let Some(plan) = &class.relation {
+                        // A relation event: the links the watched row holds before and after.
+                        let link = |row: &Value, record: Option<&Record>| {
+                            let record = record?;
+                            Some((
+                                end_of(&plan.row, row, record)?,
+                                end_of(&plan.related, row, record)?,
+                            ))
+                        };
+                        if changes.truncated {
+                            for (key, record) in existing(log, &prefix, overlay)? {
+                                let Some(row) = state::row_of(&prefix, &key) else {
+                                    continue;
+                                };
+                                if touched_in(name, Some(changes), &row)? {
+                                    continue;
+                                }
+                                let row_json =
+                                    serde_json::from_str(&row).unwrap_or(Value::String(row));
+                                if let Some((row, related)) = link(&row_json, Some(&record)) {
+                                    add_link(
+                                        &mut links,
+                                        class,
+                                        RelOp::Removed,
+                                        &row,
+                                        Some(&related),
+                                    );
+                                    add_link(&mut links, class, RelOp::RelatedChange, &row, None);
+                                }
+                                overlay.writes.insert(key, None);
+                            }
+                        }
+                        for (r, (key, change)) in changes.rows.iter().enumerate() {
+                            let state_key = state::row_key(&class.name, key);
+                            let before = stored(log, &state_key, overlay)?;
+                            let after = change.after.as_ref().map(|_| Record {
+                                value: Known::False,
+                                lsn: txn.ctx.lsn,
+                                columns: class_columns(table, class, filled.get(&(name, t, r))),
+                            });
+                            let was = link(&change.row, before.as_ref());
+                            let is = link(&change.row, after.as_ref());
+                            if was != is {
+                                if let Some((row, related)) = &was {
+                                    add_link(&mut links, class, RelOp::Removed, row, Some(related));
+                                }
+                                if let Some((row, related)) = &is {
+                                    add_link(&mut links, class, RelOp::Added, row, Some(related));
+                                }
+                            }
+                            // Any change of the linking row counts for the rows it links.
+                            for (row, _) in was.iter().chain(is.iter()) {
+                                add_link(&mut links, class, RelOp::RelatedChange, row, None);
+                            }
+                            let unchanged = match (&before, &after) {
+                                (Some(b), Some(a)) => b.columns == a.columns,
+                                (None, None) => true,
+                                _ => false,
+                            };
+                            if !unchanged {
+                                overlay.writes.insert(state_key, after);
+                            }
+                        }
+                        continue;
+                    }
                     if changes.truncated {
                         // Every row that existed is gone, unless the transaction wrote it
                         // again after the TRUNCATE (handled with the touched rows below).
@@ -1009,6 +1104,7 @@ impl Classifier {
                 None => &mut fresh,
             };
             notifications.extend(emit(&txn.ctx, groups, ordinals, 0, false));
+            notifications.extend(emit_links(&txn.ctx, links, ordinals));
         }
         Ok(notifications)
     }
@@ -1675,4 +1771,131 @@ async fn pointed_rows(
             (text, row.get::<_, bool>(n))
         })
         .collect())
+}
+
+/// The links of one transaction per (webhook, op): (row, related), in order.
+type Links<'a> = BTreeMap<
+    (usize, RelOp),
+    (
+        Vec<(Value, Option<Value>)>,
+        &'a ClassSpec,
+        &'a TransitionSub,
+    ),
+>;
+
+/// One end of a link held by a watched row (`row` its key) with state `record`; `None`
+/// when a foreign key column is NULL (no link).
+fn end_of(end: &End, row: &Value, record: &Record) -> Option<Value> {
+    match end {
+        End::Own => Some(row.clone()),
+        End::Points { columns, key } => {
+            let values: Vec<Option<&str>> = columns
+                .iter()
+                .map(|c| record.column(c).and_then(|v| v.as_deref()))
+                .collect();
+            if values.iter().any(Option::is_none) {
+                return None;
+            }
+            serde_json::from_str(&key_text(key, |i| values[i])).ok()
+        }
+    }
+}
+
+/// Adds a link (or, for related_change, a row once) for every webhook of the relation
+/// event that wants `op`.
+fn add_link<'a>(
+    links: &mut Links<'a>,
+    class: &'a ClassSpec,
+    op: RelOp,
+    row: &Value,
+    related: Option<&Value>,
+) {
+    let Some(plan) = &class.relation else {
+        return;
+    };
+    if !plan.ops.contains(&op) {
+        return;
+    }
+    for sub in &class.subs {
+        let entry = links
+            .entry((sub.webhook, op))
+            .or_insert_with(|| (Vec::new(), class, sub));
+        let link = (row.clone(), related.cloned());
+        // related_change lists each row once; a link is added or removed once per
+        // transaction anyway.
+        if op == RelOp::RelatedChange && entry.0.contains(&link) {
+            continue;
+        }
+        entry.0.push(link);
+    }
+}
+
+#[derive(Serialize)]
+struct RelationBody<'a> {
+    hook_id: &'a str,
+    event: &'a str,
+    table: String,
+    op: &'static str,
+    relation: &'a str,
+    rows: Vec<&'a Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    links: Vec<LinkJson<'a>>,
+    lsn: &'a str,
+    committed_at: &'a str,
+}
+
+#[derive(Serialize)]
+struct LinkJson<'a> {
+    row: &'a Value,
+    related: &'a Value,
+}
+
+/// One transaction's relation notifications: per (webhook, op), at most `max_rows` links
+/// (rows for related_change) each, numbered after the webhook's other notifications.
+fn emit_links(
+    ctx: &TxnContext,
+    links: Links<'_>,
+    ordinals: &mut HashMap<String, u32>,
+) -> Vec<NewNotification> {
+    let mut out = Vec::new();
+    for ((_, op), (all, class, sub)) in links {
+        let Some(plan) = &class.relation else {
+            continue;
+        };
+        for chunk in all.chunks(sub.max_rows.max(1)) {
+            let mut rows: Vec<&Value> = Vec::new();
+            for (row, _) in chunk {
+                if !rows.contains(&row) {
+                    rows.push(row);
+                }
+            }
+            let body = RelationBody {
+                hook_id: &sub.hook_id,
+                event: &sub.event,
+                table: plan.table.to_string(),
+                op: op.as_str(),
+                relation: &plan.name,
+                rows,
+                links: chunk
+                    .iter()
+                    .filter_map(|(row, related)| {
+                        related.as_ref().map(|related| LinkJson { row, related })
+                    })
+                    .collect(),
+                lsn: &ctx.lsn_text,
+                committed_at: &ctx.committed_at,
+            };
+            let ordinal = ordinals.entry(sub.hook_id.clone()).or_insert(0);
+            out.push(NewNotification {
+                key: NotificationKey {
+                    hook: sub.hook_id.clone(),
+                    lsn: ctx.lsn,
+                    ordinal: *ordinal,
+                },
+                body: serde_json::to_vec(&body).unwrap_or_default(),
+            });
+            *ordinal += 1;
+        }
+    }
+    out
 }
