@@ -41,7 +41,17 @@ as_pg "$bindir/pg_ctl" -D "$work/pg" -l "$work/pg.log" -w start \
 url="postgresql://postgres@127.0.0.1:$pg_port/postgres"
 sql() { psql -q -X -v ON_ERROR_STOP=1 "$url" -c "$1"; }
 sql "CREATE TABLE customers (id bigint PRIMARY KEY, email text NOT NULL, status text NOT NULL);
-     CREATE TABLE order_lines (order_id int, line int, sku text, PRIMARY KEY (order_id, line));"
+     CREATE TABLE order_lines (order_id int, line int, sku text, PRIMARY KEY (order_id, line));
+     CREATE TABLE contracts (id bigint PRIMARY KEY, customer_id bigint REFERENCES customers);
+     INSERT INTO customers VALUES (9, 'old@example.com', 'active');"
+
+# A classification: which customers are active (the existing customer 9 is baselined
+# silently; transitions are reported).
+mkdir -p "$work/classifications"
+cat > "$work/classifications/customer_active.sql" <<'EOF'
+-- A customer is active when its status is 'active'.
+SELECT id FROM public.customers WHERE status = 'active'
+EOF
 
 secret="whsec_$(head -c 24 /dev/urandom | base64)"
 echo "== starting the receiver on 127.0.0.1:$hook_port"
@@ -59,6 +69,18 @@ name = "order_line_added"
 table = "public.order_lines"
 on = ["insert"]
 
+[[event]]
+name = "customer_activity"
+classification = "customer_active"
+from = "any"
+to = "any"
+
+[[event]]
+name = "customer_contract_linked"
+table = "public.customers"
+relation = "contracts_customer_id_fkey"
+on = ["relation_added", "relation_removed"]
+
 [[webhook]]
 id = "crm-sync"
 event = "customer_changed"
@@ -70,14 +92,28 @@ id = "fulfilment"
 event = "order_line_added"
 url = "http://127.0.0.1:$hook_port/hooks/orders"
 secret_env = "DEMO_SECRET"
+
+[[webhook]]
+id = "lifecycle"
+event = "customer_activity"
+url = "http://127.0.0.1:$hook_port/hooks/lifecycle"
+secret_env = "DEMO_SECRET"
+
+[[webhook]]
+id = "contracts"
+event = "customer_contract_linked"
+url = "http://127.0.0.1:$hook_port/hooks/contracts"
+secret_env = "DEMO_SECRET"
 EOF
 
 echo "== walhook check"
-DEMO_SECRET="$secret" "$walhook" check --database-url "$url" --config "$work/walhook.toml"
+DEMO_SECRET="$secret" "$walhook" check --database-url "$url" --config "$work/walhook.toml" \
+    --classifications "$work/classifications"
 
 echo "== starting walhook run"
 DEMO_SECRET="$secret" RUST_LOG=info "$walhook" run --database-url "$url" \
-    --data-dir "$work/data" --config "$work/walhook.toml" 2>"$work/walhook.log" &
+    --data-dir "$work/data" --config "$work/walhook.toml" \
+    --classifications "$work/classifications" 2>"$work/walhook.log" &
 walhook_pid=$!
 pids+=($walhook_pid)
 for _ in $(seq 100); do grep -q streaming "$work/walhook.log" && break; sleep 0.1; done
@@ -87,8 +123,9 @@ sql "INSERT INTO customers VALUES (1, 'ada@example.com', 'trial'), (2, 'bob@exam
 sql "BEGIN; UPDATE customers SET status = 'active' WHERE id = 1; DELETE FROM customers WHERE id = 2; COMMIT;"
 sql "INSERT INTO order_lines VALUES (7, 1, 'tea'), (7, 2, 'cups');"
 sql "UPDATE customers SET email = 'ada@lovelace.example' WHERE id = 1;"
+sql "BEGIN; UPDATE customers SET status = 'paused' WHERE id = 9; INSERT INTO contracts VALUES (70, 9); COMMIT;"
 
-for _ in $(seq 100); do [ "$(wc -l < "$work/received.txt")" -ge 5 ] && break; sleep 0.1; done
+for _ in $(seq 100); do [ "$(wc -l < "$work/received.txt")" -ge 11 ] && break; sleep 0.1; done
 echo "== what the receiver got (signature verified on each)"
 cat "$work/received.txt"
 
