@@ -375,3 +375,73 @@ secret = "{secret}"
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composite_keys_on_both_ends() {
+    // The foreign key lists the parent's key columns in another order than its primary key.
+    let setup = "
+        CREATE TABLE sites (region text, num int, PRIMARY KEY (region, num));
+        CREATE TABLE devices (serial text, batch int, site_num int, site_region text,
+                              PRIMARY KEY (serial, batch),
+                              CONSTRAINT devices_site FOREIGN KEY (site_num, site_region)
+                                  REFERENCES sites (num, region));
+        INSERT INTO sites VALUES ('eu', 1), ('us', 2);";
+    let config = r#"
+[[event]]
+name = "site_devices"
+table = "public.sites"
+relation = "devices_site"
+on = ["relation_added", "relation_removed"]
+
+[[event]]
+name = "device_site"
+table = "public.devices"
+relation = "devices_site"
+on = ["relation_added", "relation_removed"]
+
+[[webhook]]
+id = "sites"
+event = "site_devices"
+url = "{receiver}/sites"
+secret = "{secret}"
+
+[[webhook]]
+id = "devices"
+event = "device_site"
+url = "{receiver}/devices"
+secret = "{secret}"
+"#;
+    let s = Scenario::new(setup, config).await;
+    let _walhook = s.start_walhook().await;
+    let mut seen = 0;
+    let got = step(
+        &s,
+        &mut seen,
+        "INSERT INTO devices VALUES ('d-1', 7, 1, 'eu')",
+        2,
+    )
+    .await;
+    assert_eq!(
+        got,
+        vec![
+            r#"/devices relation_added {"serial":"d-1","batch":7}>{"region":"eu","num":1}"#,
+            r#"/sites relation_added {"region":"eu","num":1}>{"serial":"d-1","batch":7}"#,
+        ]
+    );
+    let got = step(
+        &s,
+        &mut seen,
+        "UPDATE devices SET site_num = 2, site_region = 'us'",
+        4,
+    )
+    .await;
+    assert_eq!(
+        got,
+        vec![
+            r#"/devices relation_added {"serial":"d-1","batch":7}>{"region":"us","num":2}"#,
+            r#"/devices relation_removed {"serial":"d-1","batch":7}>{"region":"eu","num":1}"#,
+            r#"/sites relation_added {"region":"us","num":2}>{"serial":"d-1","batch":7}"#,
+            r#"/sites relation_removed {"region":"eu","num":1}>{"serial":"d-1","batch":7}"#,
+        ]
+    );
+}
