@@ -419,7 +419,9 @@ async fn baselines(
     // behind S) applies the classification to transactions from S on.
     let main = exported.is_some();
     if exported.is_none() {
-        let name = format!("{}_baseline_{}", opts.slot, std::process::id());
+        // Slot names hold at most 63 characters.
+        let slot: String = opts.slot.chars().take(40).collect();
+        let name = format!("{slot}_baseline_{}", std::process::id());
         exported = Some(source::create_slot_exporting(db, &name, true).await.map_err(|e| match e {
             SourceError::Definite(m) => PrepareError::Definite(format!(
                 "cannot create a temporary replication slot for the classification baseline ({m}); max_replication_slots must leave one slot free for it"

@@ -355,19 +355,15 @@ impl Assembler {
             match op {
                 Op::Delete => changes.touch(row.clone(), None, false),
                 _ => {
+                    let after = image(positions, tuple, old);
                     // A key change moves the row: the old key's row is gone.
-                    if let Some(old) = old {
-                        if let Ok(old_row) = row_key(&route.table, key, old, None) {
-                            if old_row != row {
-                                changes.touch(old_row, None, false);
-                            }
-                        }
+                    let moved = old
+                        .and_then(|old| row_key(&route.table, key, old, None).ok())
+                        .filter(|old_row| *old_row != row);
+                    match moved {
+                        Some(old_row) => changes.moved(old_row, row.clone(), after),
+                        None => changes.touch(row.clone(), Some(after), op == Op::Update),
                     }
-                    changes.touch(
-                        row.clone(),
-                        Some(image(positions, tuple, old)),
-                        op == Op::Update,
-                    );
                 }
             }
         }

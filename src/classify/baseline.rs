@@ -68,13 +68,8 @@ pub async fn baseline(
         .get(0);
     let selected: Vec<String> = key
         .iter()
-        .map(|k| format!("{}::text", quote_ident(&k.name)))
-        .chain(
-            table
-                .columns
-                .iter()
-                .map(|(name, _)| format!("{}::text", quote_ident(name))),
-        )
+        .map(|k| quote_ident(&k.name))
+        .chain(table.columns.iter().map(|(name, _)| quote_ident(name)))
         .collect();
     client
         .batch_execute(&format!(
@@ -175,7 +170,7 @@ async fn dependency_baseline(
         .iter()
         .map(|k| &k.name)
         .chain(&dep.via)
-        .map(|name| format!("{}::text", quote_ident(name)))
+        .map(|name| quote_ident(name))
         .collect();
     let not_null: Vec<String> = dep
         .via

@@ -64,9 +64,16 @@ impl Classification {
     /// The identifiers of the condition as PostgreSQL folds them; `None` when it uses the
     /// whole row (`c`, `c.*`), i.e. every column.
     pub fn words(&self) -> Option<std::collections::HashSet<String>> {
-        let tokens = Tokenizer::new(&PostgreSqlDialect {}, &self.predicate)
-            .tokenize()
-            .ok()?;
+        let (words, whole_row) = self.scan_words();
+        (!whole_row).then_some(words)
+    }
+
+    /// The identifiers of the condition, and whether it uses the whole row.
+    pub fn scan_words(&self) -> (std::collections::HashSet<String>, bool) {
+        let mut words = std::collections::HashSet::new();
+        let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, &self.predicate).tokenize() else {
+            return (words, true);
+        };
         let own = self
             .alias
             .clone()
@@ -75,23 +82,20 @@ impl Classification {
             .iter()
             .filter(|t| !matches!(t, Token::Whitespace(_)))
             .collect();
-        let mut words = std::collections::HashSet::new();
+        let mut whole_row = false;
         for (i, token) in significant.iter().enumerate() {
             let Some(word) = identifier(token) else {
                 continue;
             };
             if word == own {
-                let whole_row = match significant.get(i + 1) {
+                whole_row |= match significant.get(i + 1) {
                     Some(Token::Period) => matches!(significant.get(i + 2), Some(Token::Mul)),
                     _ => true,
                 };
-                if whole_row {
-                    return None;
-                }
             }
             words.insert(word);
         }
-        Some(words)
+        (words, whole_row)
     }
 }
 

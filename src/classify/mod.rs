@@ -670,7 +670,8 @@ async fn dependencies(
     base_oid: u32,
     base_columns: &[(String, String)],
 ) -> Result<Vec<Dependency>, SourceError> {
-    let words = c.words().unwrap_or_default();
+    // The tables it names, even when it also uses the whole row.
+    let (words, _) = c.scan_words();
     let rows = client
         .query(
             "SELECT con.conname::text, con.conrelid = $1, n.nspname::text, o.relname::text, \

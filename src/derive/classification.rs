@@ -45,6 +45,9 @@ pub struct RowChange {
     pub after: Option<Vec<Cell>>,
     /// An UPDATE touched the row (a `columns` event reports only updates).
     pub updated: bool,
+    /// The row got here by a primary key update from this key: its unchanged TOAST values
+    /// are that row's.
+    pub moved_from: Option<String>,
 }
 
 /// One table's touched rows in a transaction, in order of first touch.
@@ -85,9 +88,34 @@ impl TableChanges {
                         row,
                         after,
                         updated,
+                        moved_from: None,
                     },
                 ));
             }
+        }
+    }
+
+    /// A primary key update: the row leaves `old` (gone) and arrives at `new`, carrying the
+    /// old row's values where the new image has unchanged TOAST cells.
+    pub fn moved(&mut self, old: Value, new: Value, mut after: Vec<Cell>) {
+        let old_key = old.to_string();
+        if let Some(prev) = self
+            .index
+            .get(&old_key)
+            .and_then(|&at| self.rows[at].1.after.as_ref())
+        {
+            for (cell, earlier) in after.iter_mut().zip(prev) {
+                if *cell == Cell::Unchanged {
+                    *cell = earlier.clone();
+                }
+            }
+        }
+        let unfilled = after.contains(&Cell::Unchanged);
+        self.touch(old, None, false);
+        let key = new.to_string();
+        self.touch(new, Some(after), true);
+        if let Some(&at) = self.index.get(&key) {
+            self.rows[at].1.moved_from = unfilled.then_some(old_key);
         }
     }
 
@@ -553,10 +581,10 @@ impl Classifier {
                 continue;
             };
             let class = &table.classes[*index];
-            let Some(evaluator) = self.evaluator.as_ref() else {
+            let Some(evaluator) = self.evaluator.as_mut() else {
                 break;
             };
-            let result = live_values(evaluator.client(), table, class, log).await;
+            let result = stored_values(evaluator, table, *index, log).await;
             let changed = match result {
                 Ok(changed) => changed,
                 Err(ClassifyError::Transient(m)) => {
@@ -779,6 +807,7 @@ impl Classifier {
         let mut filled: HashMap<(&TableName, usize, usize), Vec<Option<String>>> = HashMap::new();
         for (name, table) in &self.tables {
             let mut latest: HashMap<&str, Vec<Option<String>>> = HashMap::new();
+            let mut departed: HashMap<&str, Vec<Option<String>>> = HashMap::new();
             let mut images = Vec::new();
             let mut labels = Vec::new();
             let mut at = Vec::new();
@@ -791,10 +820,20 @@ impl Classifier {
                 }
                 for (r, (key, change)) in changes.rows.iter().enumerate() {
                     let Some(cells) = &change.after else {
-                        latest.remove(key.as_str());
+                        if let Some(image) = latest.remove(key.as_str()) {
+                            departed.insert(key, image);
+                        }
                         continue;
                     };
-                    let image = fill(table, key, cells, latest.get(key.as_str()), txn, log)?;
+                    // A row moved by a key update takes unchanged values from its old key.
+                    let (source, previous) = match &change.moved_from {
+                        Some(from) => (
+                            from.as_str(),
+                            latest.get(from.as_str()).or(departed.get(from.as_str())),
+                        ),
+                        None => (key.as_str(), latest.get(key.as_str())),
+                    };
+                    let image = fill(table, source, cells, previous, txn, log)?;
                     latest.insert(key, image.clone());
                     images.push(image.clone());
                     labels.push(key.clone());
@@ -982,7 +1021,7 @@ impl Classifier {
             // Dependencies: rows of other tables the conditions read changed; the base rows
             // they pointed to (before) and point to (after) are evaluated again, live.
             for (base_name, base) in &self.tables {
-                for class in &base.classes {
+                for (c, class) in base.classes.iter().enumerate() {
                     if txn.ctx.lsn < class.active_from || class.deps.is_empty() {
                         continue;
                     }
@@ -1062,17 +1101,19 @@ impl Classifier {
                         if values.is_empty() {
                             continue;
                         }
-                        let live = match pointed_rows(evaluator.client(), base, class, dep, &values)
-                            .await
+                        // Which base rows: found live (by the key values); evaluated on
+                        // their stored images, as of the stream's position.
+                        let rows = match pointed_rows(evaluator.client(), base, dep, &values).await
                         {
-                            Ok(live) => live,
+                            Ok(rows) => rows,
                             Err(ClassifyError::Definite(m)) => {
-                                tracing::error!(classification = %class.name, dependency = %dep.constraint, error = %m, "re-evaluating the rows a changed row points to failed; they keep their values until their next change or recheck");
+                                tracing::error!(classification = %class.name, dependency = %dep.constraint, error = %m, "finding the rows a changed row points to failed; they keep their values until their next change or recheck");
                                 continue;
                             }
                             Err(e) => return Err(e),
                         };
-                        for (row, value) in live {
+                        let mut candidates = Vec::new();
+                        for row in rows {
                             if touched_in(base_name, base_changes, &row)?
                                 || !seen.insert(row.clone())
                             {
@@ -1080,17 +1121,38 @@ impl Classifier {
                             }
                             let key = state::row_key(&class.name, &row);
                             // Rows the stream has not seen yet are its to report.
-                            let Some(mut record) = stored(log, &key, overlay)? else {
-                                continue;
+                            if let Some(record) = stored(log, &key, overlay)? {
+                                candidates.push((row, key, record));
+                            }
+                        }
+                        if candidates.is_empty() {
+                            continue;
+                        }
+                        let images: Vec<Vec<Option<String>>> = candidates
+                            .iter()
+                            .map(|(_, _, record)| {
+                                base.columns
+                                    .iter()
+                                    .map(|(name, _)| record.column(name).cloned().flatten())
+                                    .collect()
+                            })
+                            .collect();
+                        let labels: Vec<String> =
+                            candidates.iter().map(|(row, _, _)| row.clone()).collect();
+                        let values = evaluator.evaluate(base, Some(c), &images, &labels).await?;
+                        for ((row, key, mut record), value) in candidates.into_iter().zip(values) {
+                            let (to, known) = match value[c] {
+                                Known::True => (Side::True, Known::True),
+                                Known::False => (Side::False, Known::False),
+                                Known::Unknown => continue,
                             };
                             let from = side_of(Some(&record));
-                            let to = if value { Side::True } else { Side::False };
                             if from == to {
                                 continue;
                             }
                             let row_json = serde_json::from_str(&row).unwrap_or(Value::String(row));
                             add(&mut groups, class, row_json, from, to);
-                            record.value = if value { Known::True } else { Known::False };
+                            record.value = known;
                             overlay.writes.insert(key, Some(record));
                         }
                     }
@@ -1611,71 +1673,65 @@ const RECHECK_ORDINALS: u32 = 1 << 31;
 /// The last transaction a recheck was numbered after, and the next ordinal offset to use.
 const RECHECK_COUNTER: &[u8] = b"mrecheck";
 
-/// A row whose live value differs from its stored one: (row, state key, stored record,
+/// A row whose value now differs from its stored one: (row, state key, stored record,
 /// from, to).
 type LiveChange = (Value, Vec<u8>, Record, Side, Side);
 
-/// Reads `class`'s value for every row of the live table and returns the rows whose value
-/// differs from the stored one. Rows only in the table (inserted, not streamed yet) or only
-/// in the store (deleted, not streamed yet) are left to the stream.
-async fn live_values(
-    client: &tokio_postgres::Client,
+/// Evaluates `class` (index `index` of `table`) again on every row's stored image, in
+/// pages, and returns the rows whose value differs from the stored one. The row's own
+/// columns are as of the stream's position (so a recheck never races the stream); `now()`
+/// and other tables are read as they are now. A row whose condition fails keeps its value.
+async fn stored_values(
+    evaluator: &mut Evaluator,
     table: &ClassifiedTable,
-    class: &ClassSpec,
+    index: usize,
     log: &Log,
 ) -> Result<Vec<LiveChange>, ClassifyError> {
-    let key_columns = &table.key;
-    let sql = format!(
-        "DECLARE walhook_recheck NO SCROLL CURSOR FOR SELECT {}, EXISTS (SELECT FROM (SELECT \"__walhook_base\".*) AS {} WHERE {}) FROM {} AS \"__walhook_base\"",
-        key_columns
-            .iter()
-            .map(|k| format!("{}::text", crate::config::quote_ident(&k.name)))
-            .collect::<Vec<_>>()
-            .join(", "),
-        crate::config::quote_ident(&class.alias),
-        class.predicate,
-        table.table.quoted()
-    );
-    let source = |e: tokio_postgres::Error| ClassifyError::from(SourceError::from(e));
-    client.batch_execute("BEGIN").await.map_err(source)?;
-    let result = async {
-        client.batch_execute(&sql).await.map_err(source)?;
-        let mut changed = Vec::new();
-        loop {
-            let messages = client
-                .simple_query("FETCH 5000 FROM walhook_recheck")
-                .await
-                .map_err(source)?;
-            let mut any = false;
-            for message in &messages {
-                let tokio_postgres::SimpleQueryMessage::Row(row) = message else {
-                    continue;
-                };
-                any = true;
-                let n = key_columns.len();
-                let text = key_text(key_columns, |i| row.get(i));
-                let live = row.get(n) == Some("t");
-                let key = state::row_key(&class.name, &text);
-                let Some(bytes) = log.get_raw(&key)? else {
-                    continue;
-                };
-                let record = decode(&key, &bytes)?;
-                let from = side_of(Some(&record));
-                let to = if live { Side::True } else { Side::False };
-                if from != to {
-                    let row_json = serde_json::from_str(&text).unwrap_or(Value::String(text));
-                    changed.push((row_json, key, record, from, to));
-                }
-            }
-            if !any {
-                return Ok(changed);
+    let class = &table.classes[index];
+    let prefix = state::class_prefix(&class.name);
+    let mut from = prefix.clone();
+    let mut changed = Vec::new();
+    loop {
+        let page = log.scan_raw(&prefix, &from, EVALUATION_BATCH)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(changed);
+        };
+        from = last.to_vec();
+        from.push(0);
+        let mut records = Vec::with_capacity(page.len());
+        let mut images = Vec::with_capacity(page.len());
+        let mut labels = Vec::with_capacity(page.len());
+        for (key, bytes) in &page {
+            let Some(row) = state::row_of(&prefix, key) else {
+                continue;
+            };
+            let record = decode(key, bytes)?;
+            images.push(
+                table
+                    .columns
+                    .iter()
+                    .map(|(name, _)| record.column(name).cloned().flatten())
+                    .collect::<Vec<_>>(),
+            );
+            labels.push(row);
+            records.push((key.to_vec(), record));
+        }
+        let values = evaluator
+            .evaluate(table, Some(index), &images, &labels)
+            .await?;
+        for (((key, record), row), value) in records.into_iter().zip(labels).zip(values) {
+            let to = match value[index] {
+                Known::True => Side::True,
+                Known::False => Side::False,
+                Known::Unknown => continue,
+            };
+            let from = side_of(Some(&record));
+            if from != to {
+                let row_json = serde_json::from_str(&row).unwrap_or(Value::String(row));
+                changed.push((row_json, key, record, from, to));
             }
         }
     }
-    .await;
-    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-    let _ = client.batch_execute(end).await;
-    result
 }
 
 /// The primary key's JSON text, as the stream names the row: a scalar for a one-column key,
@@ -1708,26 +1764,23 @@ fn add<'a>(groups: &mut Groups<'a>, class: &'a ClassSpec, row: Value, from: Side
     }
 }
 
-/// The live value of `class` for the base rows whose `dep.base` columns hold one of
-/// `values`: (row key JSON text, value).
+/// The base rows (key JSON text) whose `dep.base` columns hold one of `values`, in the live
+/// table.
 async fn pointed_rows(
     client: &tokio_postgres::Client,
     table: &ClassifiedTable,
-    class: &ClassSpec,
     dep: &Dependency,
     values: &[Vec<Option<String>>],
-) -> Result<Vec<(String, bool)>, ClassifyError> {
+) -> Result<Vec<String>, ClassifyError> {
     use crate::config::quote_ident;
+    // The type's output text, as the stream sees keys (not `::text`, which differs for
+    // char(n), boolean, inet, ...).
     let keys: Vec<String> = table
         .key
         .iter()
-        .map(|k| format!("{}::text", quote_ident(&k.name)))
+        .map(|k| format!("format('%s', {})", quote_ident(&k.name)))
         .collect();
-    let columns: Vec<String> = dep
-        .base
-        .iter()
-        .map(|(name, _)| format!("\"__walhook_base\".{}", quote_ident(name)))
-        .collect();
+    let columns: Vec<String> = dep.base.iter().map(|(name, _)| quote_ident(name)).collect();
     let arrays: Vec<String> = dep
         .base
         .iter()
@@ -1735,10 +1788,8 @@ async fn pointed_rows(
         .map(|(i, (_, sql_type))| format!("${}::text[]::{sql_type}[]", i + 1))
         .collect();
     let sql = format!(
-        "SELECT {}, EXISTS (SELECT FROM (SELECT \"__walhook_base\".*) AS {} WHERE {}) FROM {} AS \"__walhook_base\" WHERE ({}) IN (SELECT * FROM unnest({}))",
+        "SELECT {} FROM {} WHERE ({}) IN (SELECT * FROM unnest({}))",
         keys.join(", "),
-        quote_ident(&class.alias),
-        class.predicate,
         table.table.quoted(),
         columns.join(", "),
         arrays.join(", ")
@@ -1767,8 +1818,7 @@ async fn pointed_rows(
         .iter()
         .map(|row| {
             let texts: Vec<Option<String>> = (0..n).map(|i| row.get(i)).collect();
-            let text = key_text(&table.key, |i| texts[i].as_deref());
-            (text, row.get::<_, bool>(n))
+            key_text(&table.key, |i| texts[i].as_deref())
         })
         .collect())
 }

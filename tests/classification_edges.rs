@@ -1,0 +1,197 @@
+//! Classification edge cases found in review, each once a bug: a primary key update with
+//! unchanged TOAST values, char(n) keys (baseline vs stream text), a recheck with a failing
+//! row, and a stream lagging behind the database (paused with SIGSTOP) while a recheck or a
+//! dependency re-evaluation runs: rows are judged as of the stream's position.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{Scenario, WAIT};
+
+/// All hooks `any -> any` on one classification.
+fn config_any(classification: &str) -> String {
+    format!(
+        "[[event]]\nname = \"on_all\"\nclassification = \"{classification}\"\nfrom = \"any\"\nto = \"any\"\n\n\
+         [[webhook]]\nid = \"all\"\nevent = \"on_all\"\nurl = \"{{receiver}}/hooks/all\"\nsecret = \"{{secret}}\"\n"
+    )
+}
+
+fn dir_with(s: &Scenario, name: &str, sql: &str) -> String {
+    let dir = s.dir.path().join("classifications");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.sql")), sql).unwrap();
+    dir.display().to_string()
+}
+
+/// (from, to, rows) of every distinct notification so far, sorted.
+fn transitions(s: &Scenario) -> Vec<String> {
+    let mut seen = std::collections::BTreeMap::new();
+    for r in s.receiver.requests() {
+        let id = r.header("webhook-id").unwrap().to_string();
+        seen.entry(id).or_insert_with(|| r.json());
+    }
+    let mut out: Vec<String> = seen
+        .values()
+        .map(|b: &Value| {
+            format!(
+                "{} -> {} {}",
+                b["transition"]["from"], b["transition"]["to"], b["rows"]
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+async fn settle(s: &Scenario, n: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + WAIT;
+    while transitions(s).len() < n && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    transitions(s)
+}
+
+const BIG_TEXT: &str = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 320) i)";
+
+/// A primary-key change carries unchanged TOAST columns as 'u'; the new key's image must
+/// take them from the old key's row, not from nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pk_change_keeps_unchanged_toast() {
+    let setup = "CREATE TABLE docs (id bigint PRIMARY KEY, title text, doc text);
+                 ALTER TABLE docs ALTER COLUMN doc SET STORAGE EXTERNAL;";
+    let s = Scenario::new(setup, &config_any("big_doc")).await;
+    let dir = dir_with(
+        &s,
+        "big_doc",
+        "SELECT id FROM public.docs WHERE length(doc) > 5000\n",
+    );
+    let _w = s.start_walhook_with(&["--classifications", &dir]).await;
+    s.pg.exec(&format!("INSERT INTO docs VALUES (1, 'a', {BIG_TEXT})"))
+        .await;
+    assert_eq!(settle(&s, 1).await, vec!["null -> true [1]"]);
+    s.pg.exec("UPDATE docs SET id = 2 WHERE id = 1").await;
+    // 1 leaves (true -> null), 2 appears with its long doc (null -> true).
+    assert_eq!(
+        settle(&s, 3).await,
+        vec!["null -> true [1]", "null -> true [2]", "true -> null [1]"]
+    );
+}
+
+/// Baseline keys must equal stream keys (pgoutput's text) for char(n) keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bpchar_key_baseline_matches_stream() {
+    let setup = "CREATE TABLE codes (code char(4) PRIMARY KEY, status text);
+                 INSERT INTO codes VALUES ('ab', 'active');";
+    let s = Scenario::new(setup, &config_any("active_code")).await;
+    let dir = dir_with(
+        &s,
+        "active_code",
+        "SELECT code FROM public.codes WHERE status = 'active'\n",
+    );
+    let _w = s.start_walhook_with(&["--classifications", &dir]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.pg.exec("UPDATE codes SET status = 'gone' WHERE code = 'ab'")
+        .await;
+    // The baselined row goes true -> false (not null -> false: the baseline is seen).
+    assert_eq!(settle(&s, 1).await, vec!["true -> false [\"ab  \"]"]);
+}
+
+/// One row whose condition errors must not stop the recheck of every other row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recheck_survives_a_row_error() {
+    let setup = "CREATE TABLE invoices (id bigint PRIMARY KEY, divisor int, due_at timestamptz);";
+    let s = Scenario::new(setup, &config_any("overdue")).await;
+    let dir = dir_with(
+        &s,
+        "overdue",
+        "-- recheck: 1s\nSELECT id FROM public.invoices WHERE 100 / divisor > 0 AND due_at < now()\n",
+    );
+    let _w = s.start_walhook_with(&["--classifications", &dir]).await;
+    s.pg.exec(
+        "INSERT INTO invoices VALUES (1, 1, now() + interval '3 seconds'), (2, 0, now() + interval '1 hour')",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Row 1 becomes overdue by recheck. (Row 2 errors: it keeps null.)
+    assert!(
+        settle(&s, 2)
+            .await
+            .contains(&"false -> true [1]".to_string()),
+        "got {:?}",
+        transitions(&s)
+    );
+}
+
+/// A recheck while the stream lags must not turn a true -> null (delete) into
+/// true -> false + false -> null.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recheck_races_a_lagging_stream() {
+    let setup = "CREATE TABLE t (id bigint PRIMARY KEY, status text);
+                 INSERT INTO t VALUES (1, 'active');";
+    let s = Scenario::new(setup, &config_any("act")).await;
+    let dir = dir_with(
+        &s,
+        "act",
+        "-- recheck: 1s\nSELECT id FROM public.t WHERE status = 'active'\n",
+    );
+    let w = s.start_walhook_with(&["--classifications", &dir]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = w.pid().to_string();
+    // Lag: walhook is paused while two transactions commit; on resume the overdue recheck
+    // runs before the stream is read.
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    s.pg.exec("DELETE FROM t WHERE id = 1").await;
+    s.pg.exec("INSERT INTO t VALUES (1, 'trial')").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
+    // Truth per transaction: true -> null, then null -> false.
+    assert_eq!(
+        settle(&s, 2).await,
+        vec!["null -> false [1]", "true -> null [1]"]
+    );
+}
+
+/// The base row's own columns must be judged as of the transaction, not read live: with the
+/// stream lagging (walhook stopped, restarted, or just behind), a dependency change followed
+/// by a change of the base row loses both transitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dependency_reevaluation_reads_future_base_row() {
+    let setup = "CREATE TABLE customers (id bigint PRIMARY KEY, status text);
+                 CREATE TABLE contracts (id bigint PRIMARY KEY, customer_id bigint REFERENCES customers,
+                                         signed boolean NOT NULL DEFAULT false);
+                 INSERT INTO customers VALUES (1, 'a');";
+    let s = Scenario::new(setup, &config_any("cc")).await;
+    let dir = dir_with(
+        &s,
+        "cc",
+        "SELECT id FROM public.customers c WHERE c.status = 'a' AND \
+         EXISTS (SELECT 1 FROM contracts k WHERE k.customer_id = c.id AND k.signed)\n",
+    );
+    let w = s.start_walhook_with(&["--classifications", &dir]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = w.pid().to_string();
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    s.pg.exec("INSERT INTO contracts VALUES (10, 1, true)")
+        .await; // 1: false -> true
+    s.pg.exec("UPDATE customers SET status = 'b' WHERE id = 1")
+        .await; // 1: true -> false
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
+    assert_eq!(
+        settle(&s, 2).await,
+        vec!["false -> true [1]", "true -> false [1]"]
+    );
+}
