@@ -616,8 +616,12 @@ impl Stream<'_> {
                                 if !ready.is_empty() {
                                     self.log.append(&ready, None, now_ms())?;
                                 }
-                                // A huge transaction's touched rows leave memory.
-                                if assembler.classified_rows() >= SPILL_ROWS {
+                                // A huge transaction's touched rows leave memory; so
+                                // does one that truncated a classified table (every
+                                // row of it is then gone: derived a page at a time).
+                                let truncating = assembler.truncated_classified()
+                                    && self.spilled.is_none();
+                                if assembler.classified_rows() >= SPILL_ROWS || truncating {
                                     self.spill(assembler)?;
                                 }
                             }

@@ -177,6 +177,14 @@ impl Assembler {
         self.txn.as_ref().map_or(0, |t| t.changes.rows())
     }
 
+    /// Whether the open transaction truncated a classified (or watched) table: its rows
+    /// are then derived a page at a time, as a spilled transaction's.
+    pub fn truncated_classified(&self) -> bool {
+        self.txn
+            .as_ref()
+            .is_some_and(|t| t.changes.tables.values().any(|c| c.truncated))
+    }
+
     /// Takes the open transaction's touched rows out of memory (to be spilled), with its
     /// commit LSN.
     pub fn drain_changes(&mut self) -> Option<(u64, TxnChanges)> {

@@ -8,6 +8,7 @@ mod delivery;
 mod durability;
 mod harness;
 mod mutations;
+mod relation_differential;
 mod relations;
 mod support;
 mod transitions;

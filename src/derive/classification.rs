@@ -882,8 +882,9 @@ impl Classifier {
                                 end_of(&plan.related, row, record)?,
                             ))
                         };
-                        if changes.truncated {
-                            for (key, record) in existing(log, &prefix, overlay)? {
+                        let mut scan = Existing::new(&prefix, changes.truncated);
+                        while let Some(page) = scan.next(log, overlay, in_scratch)? {
+                            for (key, record) in page {
                                 let Some(row) = state::row_of(&prefix, &key) else {
                                     continue;
                                 };
@@ -903,6 +904,13 @@ impl Classifier {
                                     add_link(&mut links, class, RelOp::RelatedChange, &row, None);
                                 }
                                 overlay.writes.insert(key, None);
+                            }
+                            if let Some(ordinals) = spilled.as_deref_mut() {
+                                // A spilled transaction keeps one page in memory.
+                                let notes =
+                                    emit_links(&txn.ctx, std::mem::take(&mut links), ordinals);
+                                log.append(&notes, None, crate::log::now_ms())?;
+                                overlay.stage(log)?;
                             }
                         }
                         for (r, (key, change)) in changes.rows.iter().enumerate() {
@@ -938,10 +946,11 @@ impl Classifier {
                         }
                         continue;
                     }
-                    if changes.truncated {
-                        // Every row that existed is gone, unless the transaction wrote it
-                        // again after the TRUNCATE (handled with the touched rows below).
-                        for (key, record) in existing(log, &prefix, overlay)? {
+                    // Every row that existed is gone, unless the transaction wrote it again
+                    // after the TRUNCATE (handled with the touched rows below).
+                    let mut scan = Existing::new(&prefix, changes.truncated);
+                    while let Some(page) = scan.next(log, overlay, in_scratch)? {
+                        for (key, record) in page {
                             let Some(row) = state::row_of(&prefix, &key) else {
                                 continue;
                             };
@@ -962,6 +971,13 @@ impl Classifier {
                                 );
                             }
                             overlay.writes.insert(key, None);
+                        }
+                        if let Some(ordinals) = spilled.as_deref_mut() {
+                            // A spilled transaction keeps one page in memory.
+                            let notes =
+                                emit(&txn.ctx, std::mem::take(&mut groups), ordinals, 0, false);
+                            log.append(&notes, None, crate::log::now_ms())?;
+                            overlay.stage(log)?;
                         }
                     }
                     for (r, (key, change)) in changes.rows.iter().enumerate() {
@@ -1264,6 +1280,63 @@ fn existing(
         }
     }
     Ok(all.into_iter().collect())
+}
+
+/// State keys with their records.
+type Page = Vec<(Vec<u8>, Record)>;
+
+/// The records under a prefix that exist as of the transactions derived so far (for a
+/// TRUNCATE): all at once for an ordinary group; a page at a time for a spilled transaction,
+/// whose caller writes out what each page produced (memory holds one page).
+struct Existing {
+    prefix: Vec<u8>,
+    from: Vec<u8>,
+    done: bool,
+}
+
+impl Existing {
+    /// `active`: false yields nothing (the table was not truncated).
+    fn new(prefix: &[u8], active: bool) -> Existing {
+        Existing {
+            prefix: prefix.to_vec(),
+            from: prefix.to_vec(),
+            done: !active,
+        }
+    }
+
+    fn next(
+        &mut self,
+        log: &Log,
+        overlay: &Overlay,
+        paged: bool,
+    ) -> Result<Option<Page>, LogError> {
+        if self.done {
+            return Ok(None);
+        }
+        if !paged {
+            self.done = true;
+            return existing(log, &self.prefix, overlay).map(Some);
+        }
+        // A spilled transaction's earlier chunks only changed rows that exist in the store
+        // (its new rows come from this table's own chunks, after the TRUNCATE's), so the
+        // store's keys, with the staged writes over them, are all of them.
+        let page = log.scan_raw(&self.prefix, &self.from, EVALUATION_BATCH)?;
+        let Some((last, _)) = page.last() else {
+            self.done = true;
+            return Ok(None);
+        };
+        self.from = last.to_vec();
+        self.from.push(0);
+        let mut out = Vec::with_capacity(page.len());
+        for (key, bytes) in page {
+            match overlay.get(log, &key)? {
+                Some(Some(record)) => out.push((key.to_vec(), record)),
+                Some(None) => {}
+                None => out.push((key.to_vec(), decode(&key, &bytes)?)),
+            }
+        }
+        Ok(Some(out))
+    }
 }
 
 /// State writes of the transactions being derived, not in the store yet. For a spilled
