@@ -5,14 +5,19 @@
 //! cargo bench --bench pipeline          # builds lib, bin and bench (release settings), runs
 //! cargo bench --bench pipeline -- --rows 200000 --small-txns 5000 --pairs 1 --seconds 5
 //! PIPELINE_ROWS=200000 cargo bench --bench pipeline     # the same settings by environment
+//! cargo bench --bench pipeline -- --only classifications --pairs 1   # phases 4 and 5 only
 //! ```
 //!
 //! Settings (argument / environment / default): `--rows` `PIPELINE_ROWS` 1000000,
 //! `--small-txns` `PIPELINE_SMALL_TXNS` 20000, `--rate` `PIPELINE_RATE` 500 (tx/s),
 //! `--seconds` `PIPELINE_SECONDS` 10, `--max-rows` `PIPELINE_MAX_ROWS` 1000 (the webhook's
-//! `max_rows`), `--pairs` `PIPELINE_PAIRS` 2; diagnostic only: `--receiver-delay-ms`
-//! `PIPELINE_RECEIVER_DELAY_MS` 0 (the throughput phases' receiver answers that late, so that
-//! delivery hardly competes with streaming; not the real setting, and labelled so).
+//! `max_rows`), `--pairs` `PIPELINE_PAIRS` 2, `--class-rows` `PIPELINE_CLASS_ROWS` 200000
+//! (rows changed in phase 4), `--baseline-rows` `PIPELINE_BASELINE_ROWS` 1000000 (phase 5's
+//! table), `--only` `PIPELINE_ONLY` all (a comma-separated list of phases: `large`, `small`,
+//! `latency`, `classified`, `baseline`; `classifications` stands for the last two); diagnostic
+//! only: `--receiver-delay-ms` `PIPELINE_RECEIVER_DELAY_MS` 0 (the throughput phases'
+//! receiver answers that late, so that delivery hardly competes with streaming; not the real
+//! setting, and labelled so).
 //!
 //! `cargo bench` also builds the `walhook` binary (a bench target is selected, so cargo builds
 //! the package's binaries with the bench profile, i.e. release settings, into
@@ -38,6 +43,30 @@
 //!    aftermath does not run meanwhile), walhook on a fresh slot, caught up; `pgbench -R rate
 //!    -T seconds -c 2` one-row inserts; latency = arrival at the receiver (head received) −
 //!    the body's `committed_at` (same machine clock).
+//! 4. **Classifications** (issue 3: classified rows/s ≥ 0.5 × mutation-only rows/s): a table
+//!    `bench_accounts` (status, plan, balance, score, country, dates; `class_rows / 2` rows,
+//!    at least 1000) in its own publication, and five classifications of it ([`CLASSES`]:
+//!    conditions over several columns, with functions, each with an event `any → any` or
+//!    `false → true`, so that every row image is evaluated). One pair of slots per
+//!    comparison, made beforehand; walhook runs once on each before the workload and is
+//!    stopped with SIGTERM once it logs "streaming". That first run is what makes the
+//!    comparison possible: on an existing slot, walhook baselines new classifications from a
+//!    temporary slot made at start and classifies only transactions committed after it
+//!    (`src/run.rs`, `baselines`); started after the workload, it would baseline the
+//!    workload's result and classify nothing. Then `pgbench -M prepared -c 1` runs
+//!    `class_rows / 5` transactions of one insert and one update of four consecutive existing
+//!    rows ([`ACCOUNTS_SCRIPT`]), and each pair times, alternating which goes first as above,
+//!    walhook with one mutation event (inserts and updates of the table, one webhook) and
+//!    walhook with the same event plus the five classification events (six webhooks), each
+//!    from spawn until its slot's `confirmed_flush_lsn` reaches the end. The ratio is
+//!    classified rows/s over mutation-only rows/s, rows counting inserts and updates.
+//! 5. **Baseline**: a table `bench_baseline` of `baseline_rows` rows (the same columns,
+//!    `VACUUM ANALYZE`d), one classification, no slot: walhook creates the slot with an
+//!    exported snapshot and baselines from it, as on a first deployment. Timed from spawn
+//!    until its log says "baseline done" (also: until "streaming", and walhook's own
+//!    `seconds=` on that line, which leaves out start-up and slot creation).
+//!
+//! Each phase drops its slots when done with them (the cluster allows 20).
 //!
 //! Results are printed as a table and written to `target/bench-pipeline.json`.
 //!
@@ -46,6 +75,12 @@
 //! notifications are delivered only after the sled flush, so "all delivered" bounds the time
 //! to durable from above. The receiver runs in this process, and the machine's cores are
 //! shared with PostgreSQL (and whatever else runs): compare ratios, not absolute times.
+//! Phase 4: the classified run starts with the baselined state in its data dir (five
+//! records per existing row), the mutation-only one with an almost empty one; delivery of
+//! the classified run's extra notifications competes with its streaming, as it would in
+//! production; how many transitions fire is not known beforehand, so after the timed part
+//! it waits until no notification arrived for 3 s. The conditions read only the row's own
+//! columns: dependencies on other tables and `recheck` are not measured.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -77,12 +112,84 @@ const OVERALL_TIMEOUT: Duration = Duration::from_secs(45 * 60);
 /// One catch-up (pg_recvlogical or walhook) may take this long at most.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 const POLL: Duration = Duration::from_millis(10);
+/// A catch-up whose notification count is not known beforehand has delivered everything
+/// once none arrived for this long.
+const QUIET: Duration = Duration::from_secs(3);
 /// What walhook logs during the bench: production-like, not the tests' debug level.
 const WALHOOK_LOG: &str = "info";
 
 const TARGET_RATIO: f64 = 0.8;
 const TARGET_P99_MS: f64 = 50.0;
 const TARGET_RSS_MB: f64 = 150.0;
+/// Rows/s with five classifications over mutation-only rows/s (issue 3).
+const TARGET_CLASS_RATIO: f64 = 0.5;
+
+/// The phases, in the order they run; `--only` picks some (`classifications` = the last two).
+const PHASES: [&str; 5] = ["large", "small", "latency", "classified", "baseline"];
+/// The classification phases' tables have their own publications, so that the earlier
+/// phases' slots never decode their changes.
+const CLASS_PUBLICATION: &str = "bench_class_pub";
+const BASELINE_PUBLICATION: &str = "bench_baseline_pub";
+/// Each transaction of the classification workload inserts one account and updates four.
+const CLASS_ROWS_PER_TXN: u64 = 5;
+
+/// The five classifications of phase 4, over the columns of [`accounts_table`] (the row
+/// is `a`): name, condition, and the transition the event reports. `any → any` fires on every
+/// change of value (and on every insert: null → true or false), `false → true` on one
+/// direction; either way every row image must be evaluated.
+const CLASSES: [(&str, &str, &str, &str); 5] = [
+    (
+        "account_active",
+        "a.status = 'active' AND a.deleted_at IS NULL",
+        "false",
+        "true",
+    ),
+    (
+        "account_paying",
+        "a.plan <> 'free' AND a.balance_cents >= 0 AND a.status IN ('active', 'trial')",
+        "any",
+        "any",
+    ),
+    (
+        "account_overdrawn",
+        "a.balance_cents < -1000 AND a.deleted_at IS NULL",
+        "false",
+        "true",
+    ),
+    (
+        "account_engaged",
+        "a.score >= 80 AND a.last_seen > a.signed_up_at + interval '7 days'",
+        "any",
+        "any",
+    ),
+    (
+        "account_eu",
+        "upper(a.country) IN ('DE', 'FR', 'NL', 'IT', 'ES') AND a.status <> 'closed'",
+        "any",
+        "any",
+    ),
+];
+
+/// Phase 4's pgbench script: each transaction signs up one account and records activity on
+/// four consecutive existing ones (status, balance, score and sometimes plan change, so the
+/// classifications flip). `:accounts` is the table's size before the workload.
+const ACCOUNTS_SCRIPT: &str = r"\set a random(1, :accounts - 3)
+BEGIN;
+INSERT INTO bench_accounts (id, email, status, plan, balance_cents, score, country, signed_up_at, last_seen)
+  VALUES (nextval('bench_account_ids'), 'new' || currval('bench_account_ids') || '@example.com',
+          (ARRAY['trial', 'active'])[1 + floor(random() * 2)::int], 'free', 0,
+          floor(random() * 101)::int,
+          (ARRAY['DE', 'FR', 'NL', 'US', 'GB', 'JP', 'BR'])[1 + floor(random() * 7)::int],
+          now(), now());
+UPDATE bench_accounts
+   SET status = (ARRAY['active', 'active', 'trial', 'suspended', 'closed'])[1 + floor(random() * 5)::int],
+       plan = CASE WHEN random() < 0.1 THEN (ARRAY['free', 'pro', 'team'])[1 + floor(random() * 3)::int] ELSE plan END,
+       balance_cents = balance_cents + floor(random() * 4001)::int - 2000,
+       score = floor(random() * 101)::int,
+       last_seen = now()
+ WHERE id BETWEEN :a AND :a + 3;
+END;
+";
 
 struct Settings {
     rows: u64,
@@ -95,6 +202,12 @@ struct Settings {
     /// Diagnostic only: the receiver of the throughput phases answers after this long, so
     /// that delivery hardly competes with streaming (0: answer at once, the real setting).
     receiver_delay_ms: u64,
+    /// Rows changed by the classification workload (mutation-only vs five classifications).
+    class_rows: u64,
+    /// Rows of the table the classification baseline reads.
+    baseline_rows: u64,
+    /// The phases to run (`--only`), in the order of [`PHASES`].
+    phases: Vec<&'static str>,
 }
 
 impl Settings {
@@ -131,6 +244,31 @@ impl Settings {
         };
         let get_or_zero =
             |flag: &str, env: &str| -> u64 { text(flag, env).map_or(0, |t| number(flag, env, &t)) };
+        let phases = match text("only", "PIPELINE_ONLY") {
+            None => PHASES.to_vec(),
+            Some(list) => {
+                let mut wanted: Vec<&str> = Vec::new();
+                for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    match name {
+                        "classifications" => wanted.extend(["classified", "baseline"]),
+                        name => match PHASES.iter().find(|p| **p == name) {
+                            Some(p) => wanted.push(p),
+                            None => panic!(
+                                "--only / PIPELINE_ONLY: unknown phase {name:?}; phases: {}, or classifications (= classified,baseline)",
+                                PHASES.join(", ")
+                            ),
+                        },
+                    }
+                }
+                let phases: Vec<&'static str> = PHASES
+                    .iter()
+                    .copied()
+                    .filter(|p| wanted.contains(p))
+                    .collect();
+                assert!(!phases.is_empty(), "--only / PIPELINE_ONLY: no phase named");
+                phases
+            }
+        };
         Settings {
             rows: get("rows", "PIPELINE_ROWS", 1_000_000),
             small_txns: get("small-txns", "PIPELINE_SMALL_TXNS", 20_000),
@@ -139,7 +277,14 @@ impl Settings {
             max_rows: get("max-rows", "PIPELINE_MAX_ROWS", 1000),
             pairs: get("pairs", "PIPELINE_PAIRS", 2),
             receiver_delay_ms: get_or_zero("receiver-delay-ms", "PIPELINE_RECEIVER_DELAY_MS"),
+            class_rows: get("class-rows", "PIPELINE_CLASS_ROWS", 200_000),
+            baseline_rows: get("baseline-rows", "PIPELINE_BASELINE_ROWS", 1_000_000),
+            phases,
         }
+    }
+
+    fn runs(&self, phase: &str) -> bool {
+        self.phases.contains(&phase)
     }
 }
 
@@ -228,9 +373,31 @@ async fn bench(settings: Settings, bin: PathBuf) {
     )
     .expect("write pgbench script");
 
-    let large = b.large_transaction().await;
-    let small = b.small_transactions().await;
-    let latency = b.latency().await;
+    let large = if b.settings.runs("large") {
+        b.large_transaction().await
+    } else {
+        Value::Null
+    };
+    let small = if b.settings.runs("small") {
+        b.small_transactions().await
+    } else {
+        Value::Null
+    };
+    let latency = if b.settings.runs("latency") {
+        b.latency().await
+    } else {
+        Value::Null
+    };
+    let classified = if b.settings.runs("classified") {
+        b.classified().await
+    } else {
+        Value::Null
+    };
+    let baseline = if b.settings.runs("baseline") {
+        b.baseline().await
+    } else {
+        Value::Null
+    };
     let load_after = loadavg();
 
     let date = humantime::format_rfc3339_seconds(started_at).to_string();
@@ -254,16 +421,22 @@ async fn bench(settings: Settings, bin: PathBuf) {
             "max_rows": b.settings.max_rows,
             "pairs": b.settings.pairs,
             "receiver_delay_ms": b.settings.receiver_delay_ms,
+            "class_rows": b.settings.class_rows,
+            "baseline_rows": b.settings.baseline_rows,
+            "phases": b.settings.phases,
             "walhook_log": WALHOOK_LOG,
             "walhook_bin": b.bin.display().to_string(),
         },
         "large_transaction": large,
         "small_transactions": small,
         "latency": latency,
+        "classifications": classified,
+        "baseline": baseline,
         "targets": {
             "throughput_ratio_min": TARGET_RATIO,
             "p99_ms_max": TARGET_P99_MS,
             "peak_rss_mb_max": TARGET_RSS_MB,
+            "classified_ratio_min": TARGET_CLASS_RATIO,
         },
     });
     println!("{}", render(&report));
@@ -383,6 +556,7 @@ impl Bench {
         let rss = vm_kb(walhook.pid(), "VmHWM");
         walhook.sigterm();
         let _ = walhook.wait_exit(Duration::from_secs(10)).await;
+        self.drop_slot(slot).await;
 
         let mut latencies: Vec<f64> = Vec::new();
         let mut ids = std::collections::HashSet::new();
@@ -424,6 +598,236 @@ impl Bench {
         })
     }
 
+    /// Phase 4: many rows changed in small transactions, streamed by walhook with a mutation
+    /// event only, and with the same event plus five classifications of the changed table.
+    async fn classified(&self) -> Value {
+        let s = &self.settings;
+        let accounts = (s.class_rows / 2).max(1000);
+        let txns = s.class_rows.div_ceil(CLASS_ROWS_PER_TXN);
+        let rows = txns * CLASS_ROWS_PER_TXN;
+        eprintln!("pipeline bench: classifications, an accounts table of {accounts} rows");
+        self.pg
+            .exec(&format!(
+                "{}; {}; CREATE SEQUENCE bench_account_ids START {};
+                 CREATE PUBLICATION {CLASS_PUBLICATION} FOR TABLE bench_accounts;",
+                accounts_table("bench_accounts"),
+                fill_accounts("bench_accounts", accounts),
+                accounts + 1
+            ))
+            .await;
+        self.pg.exec("VACUUM ANALYZE bench_accounts").await;
+        let dir = self.work.path().join("classifications");
+        std::fs::create_dir_all(&dir).expect("classifications dir");
+        for (name, condition, _, _) in CLASSES {
+            std::fs::write(
+                dir.join(format!("{name}.sql")),
+                format!("-- Benchmark classification.\nSELECT id FROM public.bench_accounts a WHERE {condition}\n"),
+            )
+            .expect("write classification");
+        }
+        let script = self.work.path().join("accounts.sql");
+        std::fs::write(&script, ACCOUNTS_SCRIPT).expect("write pgbench script");
+        let mutation_config = accounts_config(&[], s.max_rows);
+        let classified_config = accounts_config(&CLASSES, s.max_rows);
+        let mutation = Launch {
+            config: &mutation_config,
+            publication: CLASS_PUBLICATION,
+            classifications: None,
+        };
+        let classified = Launch {
+            config: &classified_config,
+            publication: CLASS_PUBLICATION,
+            classifications: Some(&dir),
+        };
+
+        // Both slots of each pair exist before the workload, and walhook has run on each once:
+        // the classified one baselined there (from a temporary slot, see src/run.rs
+        // `baselines`), so the stream classifies every transaction of the workload.
+        let mut slots = Vec::new();
+        let mut prestarts = Vec::new();
+        for i in 1..=s.pairs {
+            let pair = (
+                format!("walhook_mutation_{i}"),
+                format!("walhook_classified_{i}"),
+            );
+            self.create_slot(&pair.0).await;
+            self.create_slot(&pair.1).await;
+            self.prestart(&pair.0, &mutation).await;
+            prestarts.push(self.prestart(&pair.1, &classified).await);
+            slots.push(pair);
+        }
+
+        eprintln!("pipeline bench: {txns} transactions of 1 insert + 4 updates with pgbench");
+        let t = Instant::now();
+        let out = self
+            .pgbench_script(
+                &script,
+                &[
+                    "-n",
+                    "-M",
+                    "prepared",
+                    "-c",
+                    "1",
+                    "-t",
+                    &txns.to_string(),
+                    "-D",
+                    &format!("accounts={accounts}"),
+                ],
+            )
+            .await;
+        let generate_s = t.elapsed().as_secs_f64();
+        assert_eq!(
+            processed(&out),
+            Some(txns),
+            "pgbench did not commit {txns} transactions:\n{out}"
+        );
+        let end = self.wal_lsn().await;
+
+        // Per transaction, one notification per operation (more with a small max_rows).
+        let per_txn = 1u64.div_ceil(s.max_rows) + 4u64.div_ceil(s.max_rows);
+        let mut runs = Vec::new();
+        for (i, (mutation_slot, classified_slot)) in slots.iter().enumerate() {
+            let mutation_first = i % 2 == 0;
+            let only = Expect::Exactly(per_txn * txns);
+            // Plus the transitions, whose number is not known beforehand.
+            let more = Expect::Quiet {
+                at_least: per_txn * txns,
+            };
+            let (m, c) = if mutation_first {
+                let m = self.catch_up(mutation_slot, &mutation, &end, only).await;
+                let c = self
+                    .catch_up(classified_slot, &classified, &end, more)
+                    .await;
+                (m, c)
+            } else {
+                let c = self
+                    .catch_up(classified_slot, &classified, &end, more)
+                    .await;
+                let m = self.catch_up(mutation_slot, &mutation, &end, only).await;
+                (m, c)
+            };
+            self.drop_slot(mutation_slot).await;
+            self.drop_slot(classified_slot).await;
+            runs.push(ClassPair {
+                mutation_first,
+                mutation: m,
+                classified: c,
+            });
+        }
+        compare_classified(accounts, txns, rows, generate_s, &end, &prestarts, &runs)
+    }
+
+    /// Phase 5: walhook's first start with one classification of a table of `baseline_rows`
+    /// rows, timed until it logs that the baseline is done.
+    async fn baseline(&self) -> Value {
+        let n = self.settings.baseline_rows;
+        eprintln!("pipeline bench: baseline, a table of {n} rows");
+        let t = Instant::now();
+        self.pg
+            .exec(&format!(
+                "{}; {}; CREATE PUBLICATION {BASELINE_PUBLICATION} FOR TABLE bench_baseline;",
+                accounts_table("bench_baseline"),
+                fill_accounts("bench_baseline", n),
+            ))
+            .await;
+        // Settled, as a production table is: hint bits set, statistics known.
+        self.pg.exec("VACUUM ANALYZE bench_baseline").await;
+        self.pg.exec("CHECKPOINT").await;
+        let generate_s = t.elapsed().as_secs_f64();
+        let dir = self.work.path().join("baseline_classifications");
+        std::fs::create_dir_all(&dir).expect("classifications dir");
+        let (name, condition, from, to) = CLASSES[0];
+        std::fs::write(
+            dir.join(format!("{name}.sql")),
+            format!("SELECT id FROM public.bench_baseline a WHERE {condition}\n"),
+        )
+        .expect("write classification");
+        let config = format!(
+            r#"
+[[event]]
+name = "baseline_event"
+classification = "{name}"
+from = "{from}"
+to = "{to}"
+
+[[webhook]]
+id = "baseline"
+event = "baseline_event"
+url = "{{url}}/baseline"
+secret = "{SECRET}"
+"#
+        );
+        let launch = Launch {
+            config: &config,
+            publication: BASELINE_PUBLICATION,
+            classifications: Some(&dir),
+        };
+        // No slot yet: walhook creates it with an exported snapshot and baselines from that,
+        // as on a first deployment.
+        let slot = "walhook_baseline";
+        let receiver = Receiver::start().await;
+        let (mut walhook, spawned) = self.spawn_walhook_with(slot, &receiver, &launch);
+        let done = self
+            .wait_logged(&mut walhook, "INFO baseline done", CATCH_UP_TIMEOUT)
+            .await;
+        let streaming = self
+            .wait_logged(&mut walhook, "INFO streaming", Duration::from_secs(60))
+            .await;
+        // The high-water mark over the baseline and its final flush.
+        let rss = vm_kb(walhook.pid(), "VmHWM");
+        let log = walhook.log();
+        walhook.sigterm();
+        let _ = walhook.wait_exit(Duration::from_secs(10)).await;
+        self.drop_slot(slot).await;
+        let seconds = done.duration_since(spawned).as_secs_f64();
+        // walhook's own figures, from its "baseline done" line: rows=N seconds="S".
+        let done_line = log.lines().find(|l| l.contains("INFO baseline done"));
+        let field = |key: &str| -> Option<f64> {
+            done_line?
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{key}=")))
+                .map(|v| v.trim_matches('"'))
+                .and_then(|v| v.parse().ok())
+        };
+        json!({
+            "rows": n,
+            "classification": name,
+            "condition": condition,
+            "generate_seconds": generate_s,
+            "seconds_to_baseline_done": seconds,
+            "rows_per_s": n as f64 / seconds,
+            "seconds_to_streaming": streaming.duration_since(spawned).as_secs_f64(),
+            "walhook_rows": field("rows"),
+            "walhook_seconds": field("seconds"),
+            "walhook_log": log
+                .lines()
+                .filter(|l| l.contains("baseline") || l.contains("streaming"))
+                .collect::<Vec<_>>(),
+            "peak_rss_mb": rss.map(|kb| kb as f64 / 1024.0),
+        })
+    }
+
+    /// Starts walhook on `slot` until it streams, then stops it (SIGTERM). With
+    /// classifications, this first run on an existing slot baselines them from a temporary
+    /// slot made now, so that the stream applies them to everything committed afterwards.
+    /// Returns the seconds from spawn to its "streaming" line.
+    async fn prestart(&self, slot: &str, launch: &Launch<'_>) -> f64 {
+        eprintln!("pipeline bench: walhook on {slot} once, before the workload");
+        let receiver = Receiver::start().await;
+        let (mut walhook, spawned) = self.spawn_walhook_with(slot, &receiver, launch);
+        let streaming = self
+            .wait_logged(&mut walhook, "streaming", CATCH_UP_TIMEOUT)
+            .await;
+        walhook.sigterm();
+        if walhook.wait_exit(Duration::from_secs(30)).await.is_none() {
+            panic!(
+                "walhook on {slot} did not stop within 30 s of SIGTERM:\n{}",
+                pg::tail(&walhook.log(), 40)
+            );
+        }
+        streaming.duration_since(spawned).as_secs_f64()
+    }
+
     /// One (pg_recvlogical, walhook) pair of slots per comparison, made before the workload.
     async fn create_slot_pairs(&self, workload: &str) -> Vec<(String, String)> {
         let mut slots = Vec::new();
@@ -454,6 +858,8 @@ impl Bench {
                 let recv = self.pg_recvlogical(recv_slot, end).await;
                 (recv, hook)
             };
+            self.drop_slot(recv_slot).await;
+            self.drop_slot(hook_slot).await;
             runs.push(Pair {
                 recv_first,
                 recv,
@@ -515,6 +921,19 @@ impl Bench {
     /// Starts `walhook run` on `slot` (fresh data dir, fresh receiver) and times it until the
     /// slot's confirmed position reaches `end`; then waits for the `expected` notifications.
     async fn walhook_catch_up(&self, slot: &str, end: &str, expected: u64) -> Timed {
+        let config = self.insert_config();
+        let launch = Launch {
+            config: &config,
+            publication: PUBLICATION,
+            classifications: None,
+        };
+        self.catch_up(slot, &launch, end, Expect::Exactly(expected))
+            .await
+    }
+
+    /// Starts `walhook run` on `slot` as `launch` says (fresh receiver) and times it until the
+    /// slot's confirmed position reaches `end`; then waits for the notifications (`expect`).
+    async fn catch_up(&self, slot: &str, launch: &Launch<'_>, end: &str, expect: Expect) -> Timed {
         eprintln!("pipeline bench: walhook on {slot} up to {end}");
         let receiver = Receiver::start().await;
         if self.settings.receiver_delay_ms > 0 {
@@ -522,7 +941,7 @@ impl Bench {
                 self.settings.receiver_delay_ms,
             )));
         }
-        let (mut walhook, spawned) = self.spawn_walhook(slot, &receiver);
+        let (mut walhook, spawned) = self.spawn_walhook_with(slot, &receiver, launch);
         let spawned_wall = SystemTime::now();
         let confirmed = self
             .wait_confirmed(slot, end, &mut walhook, CATCH_UP_TIMEOUT)
@@ -531,6 +950,7 @@ impl Bench {
         let seconds = confirmed.duration_since(spawned).as_secs_f64();
         let rss_at_end = vm_kb(walhook.pid(), "VmHWM");
         let cpu_at_end = cpu_seconds(walhook.pid());
+        let received_at_confirmed = receiver.requests().len();
         let streaming_wall = streaming_logged_at(&walhook.log());
         let from_streaming = streaming_wall
             .and_then(|s| confirmed_wall.duration_since(s).ok())
@@ -548,19 +968,40 @@ impl Bench {
         };
         let deadline = Instant::now() + wait;
         let mut got = receiver.requests();
-        while (got.len() as u64) < expected && Instant::now() < deadline {
+        let mut changed = Instant::now();
+        let complete = |got: &[Recorded], changed: Instant| match expect {
+            Expect::Exactly(n) => got.len() as u64 >= n,
+            Expect::Quiet { at_least } => {
+                got.len() as u64 >= at_least && changed.elapsed() >= QUIET
+            }
+        };
+        while !complete(&got, changed) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            got = receiver.requests();
+            let now = receiver.requests();
+            if now.len() != got.len() {
+                changed = Instant::now();
+            }
+            got = now;
         }
         let delivered_s = got
             .iter()
             .map(|r| r.at)
             .max()
-            .filter(|_| got.len() as u64 >= expected)
+            .filter(|_| complete(&got, changed))
             .map(|at| at.duration_since(spawned).as_secs_f64());
         let rss_after_delivery = vm_kb(walhook.pid(), "VmHWM");
         walhook.sigterm();
         let _ = walhook.wait_exit(Duration::from_secs(10)).await;
+        // Per webhook (one path each): notifications and the rows they list.
+        let mut by_path = serde_json::Map::new();
+        for r in &got {
+            let entry = by_path
+                .entry(r.path.clone())
+                .or_insert_with(|| json!({ "notifications": 0, "rows": 0 }));
+            let rows = r.json()["rows"].as_array().map_or(0, |a| a.len() as u64);
+            entry["notifications"] = json!(entry["notifications"].as_u64().unwrap_or(0) + 1);
+            entry["rows"] = json!(entry["rows"].as_u64().unwrap_or(0) + rows);
+        }
         Timed {
             seconds,
             detail: json!({
@@ -570,22 +1011,35 @@ impl Bench {
                 "cpu_seconds_at_confirmed": cpu_at_end,
                 "peak_rss_mb_at_confirmed": rss_at_end.map(|kb| kb as f64 / 1024.0),
                 "peak_rss_mb_after_delivery": rss_after_delivery.map(|kb| kb as f64 / 1024.0),
-                "notifications_expected": expected,
+                "notifications_expected": match expect {
+                    Expect::Exactly(n) => json!(n),
+                    Expect::Quiet { .. } => Value::Null,
+                },
+                "notifications_received_at_confirmed": received_at_confirmed,
                 "notifications_received": got.len(),
+                "notifications_by_path": by_path,
                 "all_delivered_seconds_from_spawn": delivered_s,
             }),
         }
     }
 
-    /// `walhook run` on `slot`, delivering to `receiver`, with a fresh data dir. Returns the
-    /// process and when it was spawned.
+    /// `walhook run` on `slot` with the one-insert-event config of the first three phases,
+    /// delivering to `receiver`, with a fresh data dir. Returns the process and when it was
+    /// spawned.
     fn spawn_walhook(&self, slot: &str, receiver: &Receiver) -> (Walhook, Instant) {
-        let dir = self.work.path().join(slot);
-        std::fs::create_dir_all(&dir).expect("walhook dir");
-        let config = write_config(
-            &dir,
-            &format!(
-                r#"
+        let config = self.insert_config();
+        let launch = Launch {
+            config: &config,
+            publication: PUBLICATION,
+            classifications: None,
+        };
+        self.spawn_walhook_with(slot, receiver, &launch)
+    }
+
+    /// The config of the first three phases: one insert event on `bench`, one webhook.
+    fn insert_config(&self) -> String {
+        format!(
+            r#"
 [[event]]
 name = "bench_insert"
 table = "public.bench"
@@ -594,30 +1048,89 @@ on = ["insert"]
 [[webhook]]
 id = "bench"
 event = "bench_insert"
-url = "{url}"
+url = "{{url}}/bench"
 secret = "{SECRET}"
 max_rows = {max_rows}
 "#,
-                url = receiver.url("/hooks/bench"),
-                max_rows = self.settings.max_rows,
-            ),
+            max_rows = self.settings.max_rows,
+        )
+    }
+
+    /// `walhook run` on `slot` as `launch` says, delivering to `receiver`. The data dir is
+    /// `slot`'s own: fresh on the slot's first run, kept (with its classification state) on
+    /// the next. Returns the process and when it was spawned.
+    fn spawn_walhook_with(
+        &self,
+        slot: &str,
+        receiver: &Receiver,
+        launch: &Launch<'_>,
+    ) -> (Walhook, Instant) {
+        let dir = self.work.path().join(slot);
+        std::fs::create_dir_all(&dir).expect("walhook dir");
+        let config = write_config(
+            &dir,
+            &launch.config.replace("{url}", &receiver.url("/hooks")),
         );
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "run".into(),
             "--database-url".into(),
             self.pg.url(),
             "--slot".into(),
             slot.into(),
             "--publication".into(),
-            PUBLICATION.into(),
+            launch.publication.into(),
             "--data-dir".into(),
             dir.join("data").display().to_string(),
             "--config".into(),
             config.display().to_string(),
         ];
+        if let Some(classifications) = launch.classifications {
+            args.push("--classifications".into());
+            args.push(classifications.display().to_string());
+        }
         let spawned = Instant::now();
         let walhook = Walhook::spawn(&args, &[("RUST_LOG", WALHOOK_LOG)]);
         (walhook, spawned)
+    }
+
+    /// Polls walhook's log every 10 ms until a line contains `needle`; returns when it saw
+    /// it. Panics with the log when walhook exits first or `timeout` passes.
+    async fn wait_logged(&self, walhook: &mut Walhook, needle: &str, timeout: Duration) -> Instant {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if walhook.log().contains(needle) {
+                return Instant::now();
+            }
+            if let Some(status) = walhook.try_exit() {
+                panic!(
+                    "walhook exited ({status}) before logging {needle:?}:\n{}",
+                    walhook.log()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "walhook has not logged {needle:?} after {timeout:?}:\n{}",
+                    pg::tail(&walhook.log(), 40)
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Drops a replication slot that is done with (freeing its WAL and a slot for the next
+    /// phases). The walsender may hold it for a moment after walhook exits: retried.
+    async fn drop_slot(&self, name: &str) {
+        for _ in 0..50 {
+            let dropped = self
+                .sql
+                .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+                .await;
+            if dropped.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!("pipeline bench: could not drop slot {name}; it stays until the cluster goes");
     }
 
     /// Polls every 10 ms until `slot`'s confirmed_flush_lsn ≥ `end`; returns when it saw it.
@@ -662,10 +1175,16 @@ max_rows = {max_rows}
 
     /// Runs pgbench with `args` and the one-row insert script; returns its stdout.
     async fn pgbench(&self, args: &[&str]) -> String {
+        self.pgbench_script(&self.work.path().join("insert.sql"), args)
+            .await
+    }
+
+    /// Runs pgbench with `args` and `script`; returns its stdout.
+    async fn pgbench_script(&self, script: &Path, args: &[&str]) -> String {
         let mut cmd = tokio::process::Command::new(self.pg.program("pgbench"));
         cmd.args(args)
             .arg("-f")
-            .arg(self.work.path().join("insert.sql"))
+            .arg(script)
             .args(["-h", "127.0.0.1", "-p", &self.pg.port().to_string()])
             .args(["-U", "postgres", "postgres"])
             .stdin(Stdio::null())
@@ -686,6 +1205,25 @@ max_rows = {max_rows}
         );
         stdout
     }
+}
+
+/// What one walhook run streams: its config (`{url}` stands for the receiver's base URL),
+/// publication, and classifications directory.
+struct Launch<'a> {
+    config: &'a str,
+    publication: &'a str,
+    classifications: Option<&'a Path>,
+}
+
+/// The notifications a catch-up waits for after it is timed (delivery runs meanwhile, and
+/// must not spill into the next run).
+#[derive(Clone, Copy)]
+enum Expect {
+    /// Exactly this many.
+    Exactly(u64),
+    /// At least this many, then none for [`QUIET`]: how many transitions fire is not known
+    /// beforehand.
+    Quiet { at_least: u64 },
 }
 
 /// One timed catch-up and what else was seen.
@@ -732,6 +1270,139 @@ fn compare(what: &str, rows: u64, generate_s: f64, end: &str, runs: &[Pair]) -> 
         "target_met": ratio >= TARGET_RATIO,
         "pairs": pairs,
     })
+}
+
+/// One back-to-back comparison of phase 4.
+struct ClassPair {
+    mutation_first: bool,
+    mutation: Timed,
+    classified: Timed,
+}
+
+/// Phase 4's pairs: per pair and overall (total time of each side).
+fn compare_classified(
+    accounts: u64,
+    txns: u64,
+    rows: u64,
+    generate_s: f64,
+    end: &str,
+    prestarts: &[f64],
+    runs: &[ClassPair],
+) -> Value {
+    let mutation_total: f64 = runs.iter().map(|r| r.mutation.seconds).sum();
+    let classified_total: f64 = runs.iter().map(|r| r.classified.seconds).sum();
+    let n = runs.len() as f64;
+    let mutation_rate = rows as f64 * n / mutation_total;
+    let classified_rate = rows as f64 * n / classified_total;
+    let ratio = classified_rate / mutation_rate;
+    let pairs: Vec<Value> = runs
+        .iter()
+        .map(|r| {
+            json!({
+                "first": if r.mutation_first { "mutation-only" } else { "classified" },
+                "mutation_only_seconds": r.mutation.seconds,
+                "classified_seconds": r.classified.seconds,
+                "ratio": r.mutation.seconds / r.classified.seconds,
+                "mutation_only": r.mutation.detail,
+                "classified": r.classified.detail,
+            })
+        })
+        .collect();
+    json!({
+        "workload": "transactions of 1 insert + 4 updates",
+        "table_rows_before": accounts,
+        "transactions": txns,
+        "rows": rows,
+        "classifications": CLASSES
+            .iter()
+            .map(|(name, condition, from, to)| json!({
+                "name": name, "condition": condition, "from": from, "to": to,
+            }))
+            .collect::<Vec<_>>(),
+        "generate_seconds": generate_s,
+        "end_lsn": end,
+        "prestart_baseline_seconds": prestarts,
+        "mutation_only": { "mean_seconds": mutation_total / n, "rows_per_s": mutation_rate },
+        "classified": { "mean_seconds": classified_total / n, "rows_per_s": classified_rate },
+        "ratio": ratio,
+        "target_met": ratio >= TARGET_CLASS_RATIO,
+        "pairs": pairs,
+    })
+}
+
+/// The accounts table of the classification phases.
+fn accounts_table(name: &str) -> String {
+    format!(
+        "CREATE TABLE {name} (
+             id bigint PRIMARY KEY,
+             email text NOT NULL,
+             status text NOT NULL,
+             plan text NOT NULL,
+             balance_cents bigint NOT NULL,
+             score integer NOT NULL,
+             country text NOT NULL,
+             signed_up_at timestamptz NOT NULL,
+             last_seen timestamptz NOT NULL,
+             deleted_at timestamptz
+         )"
+    )
+}
+
+/// Fills `name` with accounts 1..=`rows`, spread deterministically over the values the
+/// classifications test.
+fn fill_accounts(name: &str, rows: u64) -> String {
+    format!(
+        "INSERT INTO {name}
+         SELECT g, 'user' || g || '@example.com',
+                (ARRAY['active', 'active', 'trial', 'suspended', 'closed'])[1 + g % 5],
+                (ARRAY['free', 'free', 'pro', 'team'])[1 + g % 4],
+                (g * 7919) % 20000 - 5000,
+                (g * 31) % 101,
+                (ARRAY['DE', 'FR', 'NL', 'US', 'GB', 'JP', 'BR'])[1 + g % 7],
+                timestamptz '2025-01-01' + (g % 365) * interval '1 day',
+                timestamptz '2025-01-01' + (g % 365 + g % 30) * interval '1 day',
+                CASE WHEN g % 50 = 0 THEN timestamptz '2026-01-01' END
+         FROM generate_series(1::bigint, {rows}) g"
+    )
+}
+
+/// Phase 4's config: the mutation event (inserts and updates of `bench_accounts`) and one
+/// event per classification of `classes`, each with its own webhook (`{url}/<name>`).
+fn accounts_config(classes: &[(&str, &str, &str, &str)], max_rows: u64) -> String {
+    let mut toml = String::from(
+        r#"
+[[event]]
+name = "account_changed"
+table = "public.bench_accounts"
+on = ["insert", "update"]
+
+[[webhook]]
+id = "changed"
+event = "account_changed"
+url = "{url}/changed"
+"#,
+    );
+    let _ = writeln!(toml, "secret = \"{SECRET}\"\nmax_rows = {max_rows}");
+    for (name, _, from, to) in classes {
+        let _ = write!(
+            toml,
+            r#"
+[[event]]
+name = "{name}_{from}_{to}"
+classification = "{name}"
+from = "{from}"
+to = "{to}"
+
+[[webhook]]
+id = "{name}"
+event = "{name}_{from}_{to}"
+url = "{{url}}/{name}"
+secret = "{SECRET}"
+max_rows = {max_rows}
+"#
+        );
+    }
+    toml
 }
 
 /// The results as a table.
@@ -781,16 +1452,24 @@ fn render(r: &Value) -> String {
         },
     );
     let _ = writeln!(s);
-    let _ = writeln!(
-        s,
-        "{:<30} {:>22} {:>22} {:>7} {:>8} {:>4}",
-        "workload", "pg_recvlogical", "walhook", "ratio", "target", "met"
-    );
+    if ["large_transaction", "small_transactions", "latency"]
+        .iter()
+        .any(|key| !r[*key].is_null())
+    {
+        let _ = writeln!(
+            s,
+            "{:<30} {:>22} {:>22} {:>7} {:>8} {:>4}",
+            "workload", "pg_recvlogical", "walhook", "ratio", "target", "met"
+        );
+    }
     for (key, label) in [
         ("large_transaction", "1 txn x {rows} rows"),
         ("small_transactions", "{rows} txns x 1 row"),
     ] {
         let p = &r[key];
+        if p.is_null() {
+            continue;
+        }
         let label = label.replace("{rows}", &p["rows"].to_string());
         let _ = writeln!(
             s,
@@ -806,7 +1485,8 @@ fn render(r: &Value) -> String {
         );
     }
     let l = &r["latency"];
-    let _ = writeln!(
+    if !l.is_null() {
+        let _ = writeln!(
         s,
         "{:<30} sent {} tx, received {} rows in {} requests; p50 {} p90 {} p99 {} max {}   target p99 <= {TARGET_P99_MS} ms: {}",
         format!("latency @ {} tx/s x {} s", l["rate_tx_per_s"], l["seconds"]),
@@ -819,17 +1499,57 @@ fn render(r: &Value) -> String {
         opt(&l["max_ms"], " ms"),
         yes(&l["target_p99_met"]),
     );
-    let rss = &r["large_transaction"]["walhook_peak_rss_mb"];
-    let _ = writeln!(
-        s,
-        "{:<30} {}   target < {TARGET_RSS_MB} MB: {}",
-        "peak RSS, large transaction",
-        opt(rss, " MB (VmHWM)"),
-        yes(&r["large_transaction"]["rss_target_met"]),
-    );
+    }
+    if !r["large_transaction"].is_null() {
+        let rss = &r["large_transaction"]["walhook_peak_rss_mb"];
+        let _ = writeln!(
+            s,
+            "{:<30} {}   target < {TARGET_RSS_MB} MB: {}",
+            "peak RSS, large transaction",
+            opt(rss, " MB (VmHWM)"),
+            yes(&r["large_transaction"]["rss_target_met"]),
+        );
+    }
+    let c = &r["classifications"];
+    if !c.is_null() {
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "{:<30} {:>22} {:>22} {:>7} {:>8} {:>4}",
+            "classifications", "mutation-only", "+ 5 classifications", "ratio", "target", "met"
+        );
+        let _ = writeln!(
+            s,
+            "{:<30} {:>7.2} s {:>9.0} r/s {:>7.2} s {:>9.0} r/s {:>7.2} {:>8} {:>4}",
+            format!("{} txns x (1 ins + 4 upd)", c["transactions"]),
+            f(&c["mutation_only"]["mean_seconds"]),
+            f(&c["mutation_only"]["rows_per_s"]),
+            f(&c["classified"]["mean_seconds"]),
+            f(&c["classified"]["rows_per_s"]),
+            f(&c["ratio"]),
+            format!(">= {TARGET_CLASS_RATIO}"),
+            yes(&c["target_met"]),
+        );
+    }
+    let b = &r["baseline"];
+    if !b.is_null() {
+        let _ = writeln!(
+            s,
+            "{:<30} {} to 'baseline done' ({:.0} rows/s), 'streaming' at {}; walhook's own figure {}; peak RSS {}",
+            format!("baseline, {} rows x 1 class.", b["rows"]),
+            opt(&b["seconds_to_baseline_done"], " s from spawn"),
+            f(&b["rows_per_s"]),
+            opt(&b["seconds_to_streaming"], " s"),
+            opt(&b["walhook_seconds"], " s"),
+            opt(&b["peak_rss_mb"], " MB (VmHWM)"),
+        );
+    }
     let _ = writeln!(s);
     for key in ["large_transaction", "small_transactions"] {
         let p = &r[key];
+        if p.is_null() {
+            continue;
+        }
         let _ = writeln!(
             s,
             "{key}: generated in {:.2} s, {} rows",
@@ -855,6 +1575,64 @@ fn render(r: &Value) -> String {
             );
         }
     }
+    if !c.is_null() {
+        let _ = writeln!(
+            s,
+            "classifications: {} accounts before, {} rows changed, generated in {:.2} s; baselines before the workload (5 classifications x {} rows) took {} s from spawn",
+            c["table_rows_before"],
+            c["rows"],
+            f(&c["generate_seconds"]),
+            c["table_rows_before"],
+            c["prestart_baseline_seconds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| format!("{:.2}", f(v)))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        for (i, pair) in c["pairs"].as_array().into_iter().flatten().enumerate() {
+            let m = &pair["mutation_only"];
+            let k = &pair["classified"];
+            let _ = writeln!(
+                s,
+                "  pair {} ({} first): mutation-only {:.2} s, classified {:.2} s, ratio {:.2}; CPU {} vs {}, peak RSS {} vs {}; notifications {} vs {} ({} vs {} by the time the slot reached the end), all delivered {} vs {} after spawn",
+                i + 1,
+                pair["first"].as_str().unwrap_or("?"),
+                f(&pair["mutation_only_seconds"]),
+                f(&pair["classified_seconds"]),
+                f(&pair["ratio"]),
+                opt(&m["cpu_seconds_at_confirmed"], " s"),
+                opt(&k["cpu_seconds_at_confirmed"], " s"),
+                opt(&m["peak_rss_mb_at_confirmed"], " MB"),
+                opt(&k["peak_rss_mb_at_confirmed"], " MB"),
+                m["notifications_received"],
+                k["notifications_received"],
+                m["notifications_received_at_confirmed"],
+                k["notifications_received_at_confirmed"],
+                opt(&m["all_delivered_seconds_from_spawn"], " s"),
+                opt(&k["all_delivered_seconds_from_spawn"], " s"),
+            );
+            if let Some(paths) = k["notifications_by_path"].as_object() {
+                let listed: Vec<String> = paths
+                    .iter()
+                    .map(|(path, v)| {
+                        format!(
+                            "{} {}/{}",
+                            path.trim_start_matches("/hooks/"),
+                            v["notifications"],
+                            v["rows"]
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "    classified run, notifications/rows per webhook: {}",
+                    listed.join(", ")
+                );
+            }
+        }
+    }
     let _ = writeln!(
         s,
         "notes: ratio = walhook rows/s / pg_recvlogical rows/s over all pairs (total time of each side). \
@@ -862,6 +1640,14 @@ fn render(r: &Value) -> String {
          it acknowledges a flushed position at most that often. Notifications are delivered only after \
          the sled flush, so 'all delivered' bounds the durable time from above."
     );
+    if !c.is_null() {
+        let _ = writeln!(
+            s,
+            "classifications: ratio = classified rows/s / mutation-only rows/s over all pairs; both \
+             runs stream the same WAL on their own slot, made and started once (the classified one \
+             baselining) before the workload."
+        );
+    }
     s
 }
 
