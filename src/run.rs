@@ -180,6 +180,8 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
         log: &log,
         classifier: Classifier::new(classified, db.clone()),
         spilled: None,
+        hooks: config.webhooks.iter().map(|w| w.id.clone()).collect(),
+        spill_marker: classification::spilled_at(&log)?,
         acked: confirmed,
         durable_tx,
     };
@@ -493,6 +495,10 @@ struct Stream<'a> {
         u64,
         std::collections::HashMap<crate::config::TableName, u32>,
     )>,
+    /// Every webhook's id.
+    hooks: Vec<String>,
+    /// The transaction an earlier pass spilled without finishing it (from the log).
+    spill_marker: Option<u64>,
     /// The highest position reported to the server. Never moves backwards, across sessions
     /// too: a new session starts here.
     acked: Lsn,
@@ -657,6 +663,17 @@ impl Stream<'_> {
                                         self.log.truncate_transaction(hook, lsn.0, *count)?;
                                     }
                                 }
+                                // An earlier pass over this transaction spilled it (under
+                                // another config) and may have left notifications of
+                                // every webhook: drop them, this pass writes its own.
+                                if self.spill_marker == Some(lsn.0) {
+                                    for hook in &self.hooks {
+                                        let from = committed.ordinals.get(hook).copied().unwrap_or(0);
+                                        self.log.truncate_transaction(hook, lsn.0, from)?;
+                                    }
+                                    classification::forget_spilled(self.log)?;
+                                    self.spill_marker = None;
+                                }
                                 if staged.push(committed) {
                                     match staged.write(self.log, &mut self.classifier).await {
                                         Ok(position) => applied = position,
@@ -745,9 +762,10 @@ impl Stream<'_> {
         if first {
             tracing::info!(lsn = %Lsn(lsn), "a large transaction: its rows of classified tables are kept in the data dir, not in memory");
             self.spilled = Some((lsn, Default::default()));
+            self.spill_marker = Some(lsn);
         }
         if let Some((_, truncations)) = self.spilled.as_mut() {
-            classification::spill(self.log, changes, first, truncations)?;
+            classification::spill(self.log, changes, first, Some(lsn), truncations)?;
         }
         Ok(())
     }
@@ -762,7 +780,7 @@ impl Stream<'_> {
         let changes = std::mem::take(&mut committed.changes);
         let truncated = changes.truncated();
         let (_, mut truncations) = self.spilled.take().unwrap_or_default();
-        classification::spill(self.log, changes, false, &mut truncations)?;
+        classification::spill(self.log, changes, false, None, &mut truncations)?;
         // Invisible to delivery until the position is written.
         self.log.append(&committed.notifications, None, now_ms())?;
         let transitions = self
@@ -779,6 +797,7 @@ impl Stream<'_> {
             self.log.truncate_transaction(hook, lsn, *count)?;
         }
         classification::apply_staged(self.log, committed.position)?;
+        self.spill_marker = None;
         Ok(committed.position)
     }
 

@@ -1386,6 +1386,8 @@ const STAGED: u8 = b'y';
 const SCRATCH: u8 = b'x';
 /// Marks a spilled transaction whose staged state is being made current: its position.
 const APPLYING: &[u8] = b"mapplying";
+/// Marks the transaction being spilled (its commit LSN), until its position is written.
+const SPILLING: &[u8] = b"mspilling";
 
 fn staged_key(key: &[u8]) -> Vec<u8> {
     let mut staged = Vec::with_capacity(key.len() + 1);
@@ -1476,12 +1478,16 @@ pub fn spill(
     log: &Log,
     changes: TxnChanges,
     first: bool,
+    changes_lsn: Option<u64>,
     truncations: &mut HashMap<TableName, u32>,
 ) -> Result<(), LogError> {
     if first {
         log.remove_prefix(&[SCRATCH])?;
         log.remove_prefix(&[STAGED])?;
         truncations.clear();
+        if let Some(lsn) = changes_lsn {
+            log.write_raw(&[(SPILLING.to_vec(), Some(lsn.to_be_bytes().to_vec()))])?;
+        }
     }
     for (table, changes) in changes.tables {
         let seen = truncations.entry(table.clone()).or_insert(0);
@@ -1558,11 +1564,24 @@ pub fn finish_applying(log: &Log) -> Result<bool, LogError> {
     log.remove_prefix(&[SCRATCH])?;
     log.append_with_state(
         &[],
-        &[(APPLYING.to_vec(), None)],
+        &[(APPLYING.to_vec(), None), (SPILLING.to_vec(), None)],
         Some(position),
         crate::log::now_ms(),
     )?;
     Ok(true)
+}
+
+/// The transaction a pass spilled and did not finish (its commit LSN), if any: a later pass
+/// over it that does not spill must drop what that pass wrote.
+pub fn spilled_at(log: &Log) -> Result<Option<u64>, LogError> {
+    Ok(log
+        .get_raw(SPILLING)?
+        .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+        .map(u64::from_be_bytes))
+}
+
+pub fn forget_spilled(log: &Log) -> Result<(), LogError> {
+    log.write_raw(&[(SPILLING.to_vec(), None)])
 }
 
 /// `cells` with unchanged TOAST values filled in: from the row's previous image in the group,
