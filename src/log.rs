@@ -609,6 +609,27 @@ impl Log {
         Ok(pruned)
     }
 
+    /// The webhooks that have pending or dead notifications: one seek per webhook.
+    pub fn hooks_with_undelivered(&self) -> Result<Vec<String>, LogError> {
+        let mut hooks = Vec::new();
+        let mut from = vec![PENDING];
+        while let Some(entry) = self.tree.range(from.clone()..).next() {
+            let (key, _) = entry?;
+            if key.first() != Some(&PENDING) {
+                break;
+            }
+            let key = decode_key(&key)?;
+            // Just past every key of this webhook (the NUL after its id is followed by
+            // binary LSNs; 0x01 sorts after the NUL).
+            from = hook_prefix(PENDING, &key.hook);
+            if let Some(last) = from.last_mut() {
+                *last = 1;
+            }
+            hooks.push(key.hook);
+        }
+        Ok(hooks)
+    }
+
     /// Counts of entries per kind, for tests and status output.
     pub fn counts(&self) -> Result<Counts, LogError> {
         let mut counts = Counts::default();
@@ -864,6 +885,21 @@ mod tests {
         assert_eq!(counts.pending, 1);
         assert_eq!(counts.attempts, 1);
         assert!(log.detail(&key("h", 1, 0)).expect("detail").is_none());
+    }
+
+    #[test]
+    fn webhooks_with_undelivered_notifications_are_listed_once_each() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path()).expect("open");
+        let notes: Vec<NewNotification> = [("a", 1), ("a", 2), ("a.b", 1), ("b", 7)]
+            .iter()
+            .map(|(hook, lsn)| note(hook, *lsn, 0))
+            .collect();
+        log.append(&notes, None, 0).expect("append");
+        assert_eq!(
+            log.hooks_with_undelivered().expect("hooks"),
+            vec!["a", "a.b", "b"]
+        );
     }
 
     #[test]

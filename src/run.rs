@@ -144,6 +144,12 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
         }
     };
 
+    // Notifications of a webhook removed from the config stay in the log, undelivered.
+    for hook in log.hooks_with_undelivered()? {
+        if !config.webhooks.iter().any(|w| w.id == hook) {
+            tracing::warn!(webhook = %hook, "the log holds undelivered notifications of a webhook the config no longer has; they are kept (walhook deliveries list shows them): add the webhook back to deliver them");
+        }
+    }
     let position = log.position()?.unwrap_or_default();
     let (durable_tx, durable_rx) = watch::channel(position);
     let (stop_queues_tx, stop_queues) = watch::channel(false);
