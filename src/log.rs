@@ -191,6 +191,10 @@ pub struct Log {
     tree: sled::Tree,
     /// sled's log file, synced after every flush.
     file: Arc<std::fs::File>,
+    /// Serializes the read-modify-writes of delivery status (a finished attempt, a
+    /// redelivery), so that a redelivery made while an attempt is in flight is not undone
+    /// by that attempt's outcome.
+    status: Arc<std::sync::Mutex<()>>,
 }
 
 impl Log {
@@ -230,6 +234,7 @@ impl Log {
             db,
             tree,
             file: Arc::new(file),
+            status: Arc::new(std::sync::Mutex::new(())),
         })
     }
 
@@ -459,6 +464,7 @@ impl Log {
         &self,
         outcomes: &[(NotificationKey, Attempt, AfterAttempt)],
     ) -> Result<(), LogError> {
+        let _status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         let mut batch = sled::Batch::default();
         for (key, attempt, after) in outcomes {
             batch.insert(key.attempt_key(attempt.number), encode_json(attempt));
@@ -544,6 +550,7 @@ impl Log {
     /// Queues a notification (dead, delivered or pending) for a new round of attempts, due
     /// now. Returns false when the log does not hold it.
     pub fn redeliver(&self, key: &NotificationKey, now_ms: u64) -> Result<bool, LogError> {
+        let _status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         let Some(detail) = self.detail(key)? else {
             return Ok(false);
         };

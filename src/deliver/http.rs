@@ -69,7 +69,7 @@ impl Outcome {
         self.status == Some(200)
     }
 
-    fn no_response(started: Instant, error: String) -> Outcome {
+    pub(crate) fn no_response(started: Instant, error: String) -> Outcome {
         Outcome {
             status: None,
             error: Some(error),

@@ -256,7 +256,18 @@ impl Queue {
             let attempt = status.attempts + 1;
             tokio::spawn(async move {
                 let payload_sha256 = hex(&Sha256::digest(&body));
-                let outcome = endpoint.attempt(&key.to_string(), &body).await;
+                let started = tokio::time::Instant::now();
+                let id = key.to_string();
+                // In a task of its own, so that a panic in the HTTP stack is a failed attempt
+                // (retried) rather than a slot of `max_in_flight` lost for good.
+                let outcome =
+                    match tokio::spawn(async move { endpoint.attempt(&id, &body).await }).await {
+                        Ok(outcome) => outcome,
+                        Err(e) => Outcome::no_response(
+                            started,
+                            format!("the attempt failed inside walhook: {e}"),
+                        ),
+                    };
                 // The queue outlives its attempts except at shutdown, where a lost result
                 // only means the notification is sent again after restart.
                 let _ = done
