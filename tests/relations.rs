@@ -346,6 +346,12 @@ secret = "{secret}"
         "{stderr}"
     );
     assert!(line("wrong_end").contains("related_change"), "{stderr}");
+    // `run` refuses the same config at start-up, with the same lines.
+    let (status, _, run_err) = run_to_completion(&s.run_args(), &[], WAIT).await;
+    assert!(!status.success());
+    for event in ["unknown", "elsewhere", "not_a_join", "wrong_end"] {
+        assert!(run_err.contains(&format!("event \"{event}\"")), "{run_err}");
+    }
     // Relation operations without `relation`, and row operations with it.
     s.rewrite_config(
         r#"
