@@ -600,10 +600,9 @@ impl Stream<'_> {
                 // the live table (after the staged transactions, whose state comes first).
                 _ = until(self.classifier.next_recheck()) => {
                     if !staged.is_empty() {
-                        match staged.write(self.log, &mut self.classifier).await {
+                        match self.write_staged(&mut staged).await? {
                             Ok(position) => applied = position,
-                            Err(ClassifyError::Transient(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
-                            Err(e) => return Err(RunError::Stream(e.to_string())),
+                            Err(e) => break SessionEnd::Failed(e),
                         }
                         applied_tx.send_replace(applied);
                     }
@@ -648,10 +647,9 @@ impl Stream<'_> {
                                 backoff.reset();
                                 // The transactions before it come first.
                                 if !staged.is_empty() {
-                                    match staged.write(self.log, &mut self.classifier).await {
+                                    match self.write_staged(&mut staged).await? {
                                         Ok(position) => applied = position,
-                                        Err(ClassifyError::Transient(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
-                                        Err(e) => return Err(RunError::Stream(e.to_string())),
+                                        Err(e) => break SessionEnd::Failed(e),
                                     }
                                     applied_tx.send_replace(applied);
                                 }
@@ -681,10 +679,9 @@ impl Stream<'_> {
                                     self.spill_marker = None;
                                 }
                                 if staged.push(committed) {
-                                    match staged.write(self.log, &mut self.classifier).await {
+                                    match self.write_staged(&mut staged).await? {
                                         Ok(position) => applied = position,
-                                        Err(ClassifyError::Transient(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
-                                        Err(e) => return Err(RunError::Stream(e.to_string())),
+                                        Err(e) => break SessionEnd::Failed(e),
                                     }
                                     applied_tx.send_replace(applied);
                                 }
@@ -715,10 +712,9 @@ impl Stream<'_> {
                 }
                 // Nothing else is ready: write the staged transactions.
                 _ = std::future::ready(()), if !staged.is_empty() => {
-                    match staged.write(self.log, &mut self.classifier).await {
+                    match self.write_staged(&mut staged).await? {
                         Ok(position) => applied = position,
-                        Err(ClassifyError::Transient(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
-                        Err(e) => return Err(RunError::Stream(e.to_string())),
+                        Err(e) => break SessionEnd::Failed(e),
                     }
                     applied_tx.send_replace(applied);
                 }
@@ -757,6 +753,19 @@ impl Stream<'_> {
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
         Ok(end)
+    }
+
+    /// Writes the staged group. The inner error is the database going away: the session
+    /// ends and the group, never acknowledged, is streamed again.
+    async fn write_staged(
+        &mut self,
+        staged: &mut Staged,
+    ) -> Result<Result<Option<Position>, SourceError>, RunError> {
+        match staged.write(self.log, &mut self.classifier).await {
+            Ok(position) => Ok(Ok(position)),
+            Err(ClassifyError::Transient(m)) => Ok(Err(SourceError::Transient(m))),
+            Err(e) => Err(RunError::Stream(e.to_string())),
+        }
     }
 
     /// Moves the open transaction's touched rows of classified tables to the scratch area.

@@ -154,6 +154,25 @@ pub fn used<'a>(
         .collect()
 }
 
+/// The webhooks of event `event`, for a watch (`columns` or `relation`: from and to do not
+/// apply).
+fn watch_subs(config: &Config, event: &str) -> Vec<TransitionSub> {
+    config
+        .webhooks
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.event == event)
+        .map(|(index, w)| TransitionSub {
+            webhook: index,
+            hook_id: w.id.clone(),
+            event: event.to_string(),
+            from: crate::config::Side::Any,
+            to: crate::config::Side::Any,
+            max_rows: w.max_rows,
+        })
+        .collect()
+}
+
 /// The state's name for event `event`'s `columns`: not a classification name (those have
 /// no '.').
 pub fn watch_name(event: &str) -> String {
@@ -302,20 +321,7 @@ pub async fn plan(
             ));
             continue;
         }
-        let subs = config
-            .webhooks
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| w.event == e.name)
-            .map(|(index, w)| TransitionSub {
-                webhook: index,
-                hook_id: w.id.clone(),
-                event: e.name.clone(),
-                from: crate::config::Side::Any,
-                to: crate::config::Side::Any,
-                max_rows: w.max_rows,
-            })
-            .collect();
+        let subs = watch_subs(config, &e.name);
         if let Some(entry) = tables.get_mut(&e.table) {
             entry.classes.push(ClassSpec {
                 name: watch_name(&e.name),
@@ -372,20 +378,7 @@ pub async fn plan(
         };
         let oid = info.oid;
         let all = planned(&mut tables, client, &resolved.watched, oid).await?;
-        let subs = config
-            .webhooks
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| w.event == e.name)
-            .map(|(index, w)| TransitionSub {
-                webhook: index,
-                hook_id: w.id.clone(),
-                event: e.name.clone(),
-                from: crate::config::Side::Any,
-                to: crate::config::Side::Any,
-                max_rows: w.max_rows,
-            })
-            .collect();
+        let subs = watch_subs(config, &e.name);
         let pointing: Vec<&String> = [&resolved.plan.row, &resolved.plan.related]
             .into_iter()
             .flat_map(|end| match end {

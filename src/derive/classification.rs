@@ -1719,15 +1719,7 @@ fn emit(
                     lsn: &ctx.lsn_text,
                     committed_at: &ctx.committed_at,
                 };
-                out.push(NewNotification {
-                    key: NotificationKey {
-                        hook: sub.hook_id.clone(),
-                        lsn: ctx.lsn,
-                        ordinal: *ordinal,
-                    },
-                    body: serde_json::to_vec(&body).unwrap_or_default(),
-                });
-                *ordinal += 1;
+                out.push(numbered(ctx, &sub.hook_id, ordinal, &body));
                 continue;
             }
             let body = Body {
@@ -1745,16 +1737,7 @@ fn emit(
                 },
                 recheck,
             };
-            out.push(NewNotification {
-                key: NotificationKey {
-                    hook: sub.hook_id.clone(),
-                    lsn: ctx.lsn,
-                    ordinal: *ordinal,
-                },
-                // Serializing strings and JSON values cannot fail.
-                body: serde_json::to_vec(&body).unwrap_or_default(),
-            });
-            *ordinal += 1;
+            out.push(numbered(ctx, &sub.hook_id, ordinal, &body));
         }
     }
     out
@@ -2028,16 +2011,28 @@ fn emit_links(
                 committed_at: &ctx.committed_at,
             };
             let ordinal = ordinals.entry(sub.hook_id.clone()).or_insert(0);
-            out.push(NewNotification {
-                key: NotificationKey {
-                    hook: sub.hook_id.clone(),
-                    lsn: ctx.lsn,
-                    ordinal: *ordinal,
-                },
-                body: serde_json::to_vec(&body).unwrap_or_default(),
-            });
-            *ordinal += 1;
+            out.push(numbered(ctx, &sub.hook_id, ordinal, &body));
         }
     }
     out
+}
+
+/// `hook`'s next notification of the transaction: numbered `ordinal`, which moves on.
+fn numbered(
+    ctx: &TxnContext,
+    hook: &str,
+    ordinal: &mut u32,
+    body: &impl Serialize,
+) -> NewNotification {
+    let notification = NewNotification {
+        key: NotificationKey {
+            hook: hook.to_string(),
+            lsn: ctx.lsn,
+            ordinal: *ordinal,
+        },
+        // Serializing strings and JSON values cannot fail.
+        body: serde_json::to_vec(body).unwrap_or_default(),
+    };
+    *ordinal += 1;
+    notification
 }
