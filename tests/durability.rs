@@ -321,22 +321,6 @@ async fn settled_slot_position(s: &Scenario, slot: &str) -> u64 {
     }
 }
 
-/// Waits until `needle` occurs at least `n` times in walhook's log.
-async fn wait_log_count(walhook: &Walhook, needle: &str, n: usize) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let log = walhook.log();
-        if log.matches(needle).count() >= n {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "walhook log has {needle:?} fewer than {n} times after {WAIT:?}:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Waits until the receiver has seen no new request for `quiet`.
 async fn settle(s: &Scenario, quiet: Duration) {
     let mut seen = s.receiver.requests().len();
@@ -407,7 +391,7 @@ async fn kill_9_under_load_loses_nothing() {
         }
         walhook.restart();
         // The next kill hits a process that streams again, not one still starting.
-        wait_log_count(&walhook, STREAMING, k + 1).await;
+        walhook.wait_log_count(STREAMING, k + 1).await;
     }
     load.await.expect("load task");
     assert!(
@@ -459,7 +443,7 @@ async fn replay_after_a_crash_does_not_duplicate_the_log() {
     // Right after delivery: the acknowledgement may not have reached PostgreSQL yet.
     walhook.kill9();
     walhook.restart();
-    wait_log_count(&walhook, STREAMING, 2).await;
+    walhook.wait_log_count(STREAMING, 2).await;
 
     let phase_b: Vec<Txn> = vec![
         vec![change("insert", [8, 9])],
@@ -626,7 +610,7 @@ async fn database_restarts_mid_stream_are_retried() {
         .await;
 
     s.pg.restart();
-    wait_log_count(&walhook, RECONNECTING, 1).await;
+    walhook.wait_log_count(RECONNECTING, 1).await;
     commit_all(&s.pg, 10, second).await;
     let ids = all_ids(&txns[..20]);
     s.receiver
@@ -636,7 +620,7 @@ async fn database_restarts_mid_stream_are_retried() {
     let before = walhook.log().matches(RECONNECTING).count();
     s.pg.stop_immediate();
     s.pg.start_again();
-    wait_log_count(&walhook, RECONNECTING, before + 1).await;
+    walhook.wait_log_count(RECONNECTING, before + 1).await;
     commit_all(&s.pg, 20, third).await;
     let ids = all_ids(&txns);
     let got = s

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio_postgres::{Client, NoTls};
 
-use crate::support::{signature_ok, Recorded, Scenario, Walhook, WAIT};
+use crate::support::{signature_ok, Recorded, Scenario};
 
 /// The foreign key every contract event names.
 const FKEY: &str = "contracts_customer_id_fkey";
@@ -1233,22 +1233,6 @@ fn assert_matches_truth(notes: &[Note], txns: &[Txn]) {
     }
 }
 
-/// Waits until `needle` occurs at least `n` times in walhook's log.
-async fn wait_log_count(walhook: &Walhook, needle: &str, n: usize) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let log = walhook.log();
-        if log.matches(needle).count() >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "walhook log has {needle:?} fewer than {n} times after {WAIT:?}:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relation_events_equal_ground_truth() {
     let seed = seed();
@@ -1285,7 +1269,7 @@ async fn relation_events_survive_kill9() {
         // SIGKILL, then the same arguments and data dir again.
         walhook.restart();
         // The next kill hits a process that streams again, not one still starting.
-        wait_log_count(&walhook, STREAMING, k + 1).await;
+        walhook.wait_log_count(STREAMING, k + 1).await;
     }
     let (initial, txns) = load.await.expect("workload task");
     assert!(

@@ -173,22 +173,6 @@ async fn start(s: &Scenario, dir: &str) -> Walhook {
     s.start_walhook_with(&["--classifications", dir]).await
 }
 
-/// Waits until `needle` occurs at least `n` times in walhook's log.
-async fn wait_log_count(walhook: &Walhook, needle: &str, n: usize) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let log = walhook.log();
-        if log.matches(needle).count() >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "walhook log has {needle:?} fewer than {n} times after {WAIT:?}:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// `0/16B3748` → a comparable number.
 fn parse_lsn(text: &str) -> u64 {
     let (hi, lo) = text
@@ -627,7 +611,7 @@ async fn baseline_is_silent() {
     s.pg.exec("INSERT INTO customers VALUES (5, 'trial', NULL)")
         .await;
     walhook.restart();
-    wait_log_count(&walhook, STREAMING, 2).await;
+    walhook.wait_log_count(STREAMING, 2).await;
     st.expect(
         "while stopped: 1 undeleted, 5 inserted",
         &[("all", F, T, &[1]), ("all", N, F, &[5])],
@@ -856,7 +840,7 @@ async fn a_changed_classification_is_baselined_again_silently() {
         )],
     );
     walhook.restart();
-    wait_log_count(&walhook, STREAMING, 2).await;
+    walhook.wait_log_count(STREAMING, 2).await;
     assert!(
         walhook.log().matches("baseline done").count() >= 2,
         "no second baseline:\n{}",
@@ -964,7 +948,7 @@ async fn a_huge_transaction_streams_through_the_data_dir() {
     // next change compares with it.
     walhook.kill9();
     walhook.restart();
-    wait_log_count(&walhook, STREAMING, 2).await;
+    walhook.wait_log_count(STREAMING, 2).await;
     let mut st = Steps::new(&s, "even", "public.items");
     st.seen = seen;
     st.run(
@@ -1039,7 +1023,7 @@ SELECT id FROM public.docs WHERE length(doc) > 5000 AND title <> 'draft'
     // The values must survive a crash: they live in the state store, not in memory.
     walhook.kill9();
     walhook.restart();
-    wait_log_count(&walhook, STREAMING, 2).await;
+    walhook.wait_log_count(STREAMING, 2).await;
     st.run(
         &format!(
             "BEGIN;
@@ -1736,7 +1720,7 @@ async fn kill9_during_workload_keeps_transitions_exact() {
         // SIGKILL, then the same arguments and data dir again.
         walhook.restart();
         // The next kill hits a process that streams again, not one still starting.
-        wait_log_count(&walhook, STREAMING, k + 1).await;
+        walhook.wait_log_count(STREAMING, k + 1).await;
     }
     let truth = load.await.expect("workload task");
     assert!(

@@ -132,6 +132,22 @@ impl Walhook {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    /// Waits (up to 20 s, like the tests' `WAIT`) until `needle` occurs at least `n` times
+    /// in the log, e.g. the n-th "streaming" line after restarts.
+    pub async fn wait_log_count(&self, needle: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= n {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("walhook log has {needle:?} fewer than {n} times:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for Walhook {
