@@ -662,10 +662,6 @@ impl Classifier {
         Ok((notifications, writes))
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.tables.is_empty()
-    }
-
     /// Every webhook that wants transitions.
     pub fn hooks(&self) -> Vec<String> {
         self.tables
@@ -674,11 +670,6 @@ impl Classifier {
             .flat_map(|c| &c.subs)
             .map(|s| s.hook_id.clone())
             .collect()
-    }
-
-    /// Forgets the connection (after an error), so the next evaluation connects afresh.
-    pub fn disconnect(&mut self) {
-        self.evaluator = None;
     }
 
     /// The notifications and state writes of `txns`, in commit order.
