@@ -185,7 +185,7 @@ async fn unchanged_toast_columns_do_not_hide_the_key() {
     ))
     .await;
     assert!(
-        toast_chunks(&s, "docs").await > 0,
+        s.toast_chunks("docs").await > 0,
         "precondition: docs.body is stored out of line"
     );
     arrivals.expect(&[("docs", "insert", json!([1, 2]))]).await;
@@ -216,7 +216,7 @@ async fn unchanged_toast_columns_do_not_hide_the_key() {
     )
     .await;
     assert!(
-        toast_chunks(&s, "notes").await > 0,
+        s.toast_chunks("notes").await > 0,
         "precondition: notes.slug is stored out of line"
     );
     let slug: String =
@@ -984,24 +984,6 @@ async fn refused(s: &Scenario, extra: &[&str]) -> String {
         .collect();
     assert_eq!(errors.len(), 1, "one error line; stderr:\n{stderr}");
     errors[0].replace('"', "")
-}
-
-/// How many chunks a table's TOAST table holds.
-async fn toast_chunks(s: &Scenario, table: &str) -> i64 {
-    let client = s.pg.client().await;
-    let toast: String = client
-        .query_one(
-            "SELECT reltoastrelid::regclass::text FROM pg_class WHERE oid = $1::text::regclass",
-            &[&table],
-        )
-        .await
-        .expect("find the TOAST table")
-        .get(0);
-    client
-        .query_one(&format!("SELECT count(*) FROM {toast}"), &[])
-        .await
-        .expect("count TOAST chunks")
-        .get(0)
 }
 
 /// `schema.table` of every table in a publication, sorted.

@@ -641,14 +641,6 @@ CREATE TABLE customer_tags (customer_id bigint REFERENCES customers ON DELETE CA
     Workload { setup, txns }
 }
 
-/// `RELATIONS_SEED` when set, else a random seed.
-fn seed() -> u64 {
-    match std::env::var("RELATIONS_SEED") {
-        Ok(v) => v.trim().parse().expect("RELATIONS_SEED is a u64"),
-        Err(_) => fastrand::u64(..),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Ground truth.
 
@@ -1235,7 +1227,7 @@ fn assert_matches_truth(notes: &[Note], txns: &[Txn]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relation_events_equal_ground_truth() {
-    let seed = seed();
+    let seed = crate::support::seed("RELATIONS_SEED");
     eprintln!("workload seed {seed} (RELATIONS_SEED={seed} replays it), ON DELETE CASCADE");
     let w = workload(seed, OnDelete::Cascade);
     let s = Scenario::new(&w.setup, &config()).await;
@@ -1253,7 +1245,7 @@ async fn relation_events_equal_ground_truth() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relation_events_survive_kill9() {
-    let seed = seed();
+    let seed = crate::support::seed("RELATIONS_SEED");
     eprintln!("workload seed {seed} (RELATIONS_SEED={seed} replays it), ON DELETE SET NULL");
     let w = workload(seed, OnDelete::SetNull);
     let s = Scenario::new(&w.setup, &config()).await;

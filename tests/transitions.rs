@@ -1000,7 +1000,7 @@ SELECT id FROM public.docs WHERE length(doc) > 5000 AND title <> 'draft'
     )
     .await;
     assert!(
-        toast_chunks(&s, "docs").await > 0,
+        s.toast_chunks("docs").await > 0,
         "precondition: docs.doc is stored out of line"
     );
     // 1 stays true (its doc, unchanged, is still long); 3 becomes true only if its unchanged
@@ -1061,24 +1061,6 @@ SELECT id FROM public.docs WHERE length(doc) > 5000 AND title <> 'draft'
         &[("all", F, T, &[2])],
     )
     .await;
-}
-
-/// How many chunks a table's TOAST table holds.
-async fn toast_chunks(s: &Scenario, table: &str) -> i64 {
-    let client = s.pg.client().await;
-    let toast: String = client
-        .query_one(
-            "SELECT reltoastrelid::regclass::text FROM pg_class WHERE oid = $1::text::regclass",
-            &[&table],
-        )
-        .await
-        .expect("find the TOAST table")
-        .get(0);
-    client
-        .query_one(&format!("SELECT count(*) FROM {toast}"), &[])
-        .await
-        .expect("count TOAST chunks")
-        .get(0)
 }
 
 /// How many changes on the `witness` slot (test_decoding) carry an unchanged TOAST datum.
@@ -1354,14 +1336,6 @@ fn workload(seed: u64) -> Workload {
         })
         .collect();
     Workload { setup, txns }
-}
-
-/// `TRANSITIONS_SEED` when set, else a random seed.
-fn seed() -> u64 {
-    match std::env::var("TRANSITIONS_SEED") {
-        Ok(v) => v.trim().parse().expect("TRANSITIONS_SEED is a u64"),
-        Err(_) => fastrand::u64(..),
-    }
 }
 
 /// One row's value changing in one transaction (number `txn` of the workload).
@@ -1687,7 +1661,7 @@ fn assert_matches_truth(notes: &[Note], truth: &[Transition]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn differential_random_workload() {
-    let seed = seed();
+    let seed = crate::support::seed("TRANSITIONS_SEED");
     eprintln!("workload seed {seed} (TRANSITIONS_SEED={seed} replays it)");
     let w = workload(seed);
     let s = Scenario::new(&w.setup, &config(&all_pair_hooks())).await;
@@ -1703,7 +1677,7 @@ async fn differential_random_workload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_during_workload_keeps_transitions_exact() {
-    let seed = seed();
+    let seed = crate::support::seed("TRANSITIONS_SEED");
     eprintln!("workload seed {seed} (TRANSITIONS_SEED={seed} replays it)");
     let w = workload(seed);
     let s = Scenario::new(&w.setup, &config(&all_pair_hooks())).await;

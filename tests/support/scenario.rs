@@ -112,6 +112,38 @@ impl Scenario {
     }
 }
 
+impl Scenario {
+    /// How many chunks a table's TOAST table holds.
+    pub async fn toast_chunks(&self, table: &str) -> i64 {
+        let client = self.pg.client().await;
+        let toast: String = client
+            .query_one(
+                "SELECT reltoastrelid::regclass::text FROM pg_class WHERE oid = $1::text::regclass",
+                &[&table],
+            )
+            .await
+            .expect("find the TOAST table")
+            .get(0);
+        client
+            .query_one(&format!("SELECT count(*) FROM {toast}"), &[])
+            .await
+            .expect("count TOAST chunks")
+            .get(0)
+    }
+}
+
+/// The seed of a randomized test: environment variable `var` when set (to replay a run),
+/// else a random one.
+pub fn seed(var: &str) -> u64 {
+    match std::env::var(var) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{var} is a u64")),
+        Err(_) => fastrand::u64(..),
+    }
+}
+
 /// `config` with `{receiver}` and `{secret}` filled in.
 fn expand(config: &str, receiver: &Receiver) -> String {
     let base = receiver.url("");
