@@ -125,7 +125,7 @@ pub async fn baseline(
             };
             writes.push((state::row_key(&spec.name, label), Some(record.encode())));
         }
-        log.write_raw(&writes)?;
+        log.write_bulk(&writes)?;
         progress.advance(images.len() as u64);
     }
     for (index, dep) in spec.deps.iter().enumerate() {
@@ -214,7 +214,7 @@ async fn dependency_baseline(
         if writes.is_empty() {
             break;
         }
-        log.write_raw(&writes)?;
+        log.write_bulk(&writes)?;
     }
     client
         .batch_execute("CLOSE walhook_dependency")

@@ -1367,7 +1367,7 @@ impl Overlay {
                 (staged_key(&key), Some(value))
             })
             .collect();
-        log.write_raw(&entries)
+        log.write_bulk(&entries)
     }
 }
 
@@ -1506,7 +1506,7 @@ pub fn spill(
             }
             entries.push((key, Some(encode_change(&after, updated))));
         }
-        log.write_raw(&entries)?;
+        log.write_bulk(&entries)?;
     }
     Ok(())
 }
@@ -1547,10 +1547,11 @@ pub fn finish_applying(log: &Log) -> Result<bool, LogError> {
                 Some((1, record)) => Some(record.to_vec()),
                 _ => None,
             };
+            // A pair: the record made current and its staged copy removed, together.
             entries.push((key[1..].to_vec(), value));
             entries.push((key.to_vec(), None));
         }
-        log.write_raw(&entries)?;
+        log.write_bulk(&entries)?;
     }
     log.remove_prefix(&[SCRATCH])?;
     log.append_with_state(
