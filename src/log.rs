@@ -509,6 +509,14 @@ impl Log {
         for (key, attempt, after) in outcomes {
             batch.insert(key.attempt_key(attempt.number), encode_json(attempt));
             let pending_key = key.encode(PENDING);
+            if let AfterAttempt::Delivered = after {
+                // Whatever its status was (even one a redelivery just set), it is delivered
+                // now; no need to read it. (Pruning removes only delivered notifications,
+                // so an attempted one is never pruned under it.)
+                batch.remove(pending_key);
+                batch.insert(key.encode(DELIVERED), &attempt.at_ms.to_be_bytes());
+                continue;
+            }
             let mut status: Status = match self.tree.get(&pending_key)? {
                 Some(value) => decode_json(&pending_key, &value)?,
                 // Pruned or redelivered concurrently: keep the attempt record only.
@@ -516,10 +524,7 @@ impl Log {
             };
             status.attempts = status.attempts.max(attempt.number);
             match after {
-                AfterAttempt::Delivered => {
-                    batch.remove(pending_key);
-                    batch.insert(key.encode(DELIVERED), &attempt.at_ms.to_be_bytes());
-                }
+                AfterAttempt::Delivered => {}
                 AfterAttempt::RetryAt { next_at_ms } => {
                     status.round_failures += 1;
                     status.next_at_ms = *next_at_ms;
