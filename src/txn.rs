@@ -358,24 +358,33 @@ impl Assembler {
             return Ok(Vec::new());
         }
         let row = row_key(&route.table, key, tuple, old)?;
+        // A key change moves the row: the old key's row is gone.
+        let moved = match op {
+            Op::Update => old
+                .and_then(|old| row_key(&route.table, key, old, None).ok())
+                .filter(|old_row| *old_row != row),
+            _ => None,
+        };
         if let Some(positions) = &route.image {
             let changes = txn.changes.tables.entry(route.table.clone()).or_default();
             match op {
                 Op::Delete => changes.touch(row.clone(), None, false),
                 _ => {
                     let after = image(positions, tuple, old);
-                    // A key change moves the row: the old key's row is gone.
-                    let moved = old
-                        .and_then(|old| row_key(&route.table, key, old, None).ok())
-                        .filter(|old_row| *old_row != row);
-                    match moved {
-                        Some(old_row) => changes.moved(old_row, row.clone(), after),
+                    match &moved {
+                        Some(old_row) => changes.moved(old_row.clone(), row.clone(), after),
                         None => changes.touch(row.clone(), Some(after), op == Op::Update),
                     }
                 }
             }
         }
         for sub in interested {
+            // An update that changed the key lists the old key too, first: a receiver that
+            // reads the rows back finds it gone, as it would a deleted row.
+            if let Some(old_row) = &moved {
+                txn.grouper
+                    .add_row(&txn.ctx, &route.table, sub, op, old_row.clone());
+            }
             txn.grouper
                 .add_row(&txn.ctx, &route.table, sub, op, row.clone());
         }

@@ -192,9 +192,9 @@ async fn unchanged_toast_columns_do_not_hide_the_key() {
     s.pg.exec("UPDATE docs SET title = 't1b' WHERE id = 1")
         .await;
     arrivals.expect(&[("docs", "update", json!([1]))]).await;
-    // A key change with the big column unchanged: the new key is named.
+    // A key change with the big column unchanged: the old key, then the new one.
     s.pg.exec("UPDATE docs SET id = 3 WHERE id = 2").await;
-    arrivals.expect(&[("docs", "update", json!([3]))]).await;
+    arrivals.expect(&[("docs", "update", json!([2, 3]))]).await;
     s.pg.exec("DELETE FROM docs WHERE id = 1").await;
     arrivals.expect(&[("docs", "delete", json!([1]))]).await;
     let body_intact: bool =
@@ -270,7 +270,7 @@ async fn replica_identity_full_updates_and_deletes_name_their_rows() {
     arrivals.expect(&[("accounts", "update", json!([1]))]).await;
     s.pg.exec("UPDATE accounts SET id = 20 WHERE id = 2").await;
     arrivals
-        .expect(&[("accounts", "update", json!([20]))])
+        .expect(&[("accounts", "update", json!([2, 20]))])
         .await;
     s.pg.exec(
         "BEGIN; DELETE FROM accounts WHERE id = 1; DELETE FROM accounts WHERE id = 20; COMMIT",
@@ -342,9 +342,11 @@ async fn schema_changes_mid_stream_keep_keys_right() {
     // A volatile default rewrites the table; the rewrite itself is not a change of rows.
     s.pg.exec("ALTER TABLE items ADD COLUMN stamp timestamptz DEFAULT clock_timestamp()")
         .await;
-    // A primary key update notifies the new key.
+    // A primary key update names the old key (gone) and the new one.
     s.pg.exec("UPDATE items SET id = 10 WHERE id = 1").await;
-    arrivals.expect(&[("items", "update", json!([10]))]).await;
+    arrivals
+        .expect(&[("items", "update", json!([1, 10]))])
+        .await;
     s.pg.exec("INSERT INTO items (id) VALUES (6)").await;
     arrivals.expect(&[("items", "insert", json!([6]))]).await;
     arrivals.quiet().await;
