@@ -378,20 +378,46 @@ async fn baselines(
         ClassifyError::Transient(m) => PrepareError::Transient(m),
         e => PrepareError::Definite(e.to_string()),
     };
-    // Forget classifications that are no longer evaluated.
     let meta_prefix = state::meta_prefix();
-    for (key, _) in log
+    // State in the first layout (one entry per classification and row): dropped, so that
+    // every classification is baselined again (silently, as on a first start).
+    let legacy = [state::LEGACY];
+    if !log
+        .scan_raw(&legacy, &legacy, 1)
+        .map_err(definite)?
+        .is_empty()
+    {
+        for prefix in [
+            legacy.to_vec(),
+            state::dependency_root(),
+            meta_prefix.clone(),
+        ] {
+            log.remove_prefix(&prefix).map_err(definite)?;
+        }
+        tracing::info!(
+            "row state from an earlier walhook found: every classification is baselined again"
+        );
+    }
+    // Forget classifications that are no longer evaluated, or not on the same table.
+    for (key, bytes) in log
         .scan_raw(&meta_prefix, &meta_prefix, usize::MAX)
         .map_err(definite)?
     {
         let name = String::from_utf8_lossy(&key[1..]).into_owned();
-        if !classified
+        let table = serde_json::from_slice::<ClassMeta>(&bytes)
+            .map(|meta| meta.table)
+            .unwrap_or_default();
+        let current = classified
             .iter()
-            .any(|t| t.classes.iter().any(|c| c.name == name))
-        {
-            log.write_raw(&[(key.to_vec(), None)]).map_err(definite)?;
-            log.remove_prefix(&state::class_prefix(&name))
-                .map_err(definite)?;
+            .find(|t| t.classes.iter().any(|c| c.name == name));
+        if current.is_some_and(|t| t.table.to_string() == table) {
+            continue;
+        }
+        log.write_raw(&[(key.to_vec(), None)]).map_err(definite)?;
+        state::forget(log, &table, &name).map_err(definite)?;
+        log.remove_prefix(&state::dependency_prefix(&name))
+            .map_err(definite)?;
+        if current.is_none() {
             tracing::info!(classification = %name, "dropped the state of a classification no event uses");
         }
     }
@@ -446,6 +472,7 @@ async fn baselines(
         let meta = ClassMeta {
             fingerprint,
             active_from,
+            table: table.table.to_string(),
         };
         baseline(db, &snapshot.name, log, table, c, &meta, classified)
             .await

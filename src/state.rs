@@ -3,38 +3,46 @@
 //! notifications it produced (and the stream position).
 //!
 //! ```text
-//! b's' classification \0 key-json  → Record: the row's value, the commit LSN that wrote
-//!                                     it, and the columns the condition reads
-//! b'c' classification               → ClassMeta: which SQL the state was built for, and
-//!                                     from which commit LSN on the stream maintains it
-//! b'r' classification \0 dep key-json → Record: the values with which a row of a table the
-//!                                     condition depends on points to base rows (its
-//!                                     foreign key), so that an update or delete that does
-//!                                     not carry them still re-evaluates the old base rows
+//! b't' table \0 key-json            → Packed: the row's Record under each classification
+//!                                     of the table that keeps state for it: its value, the
+//!                                     commit LSN that wrote it, the columns its condition reads
+//! b'c' classification               → ClassMeta: which SQL the state was built for, its
+//!                                     table, and from which commit LSN on the stream
+//!                                     maintains it
+//! b'r' classification \0 dep key-json → Packed, one Record named "": the values with which a
+//!                                     row of a table the condition depends on points to base
+//!                                     rows (its foreign key), so that an update or delete that
+//!                                     does not carry them still re-evaluates the old base rows
 //! ```
 //!
 //! A row without a record does not exist (its value is `null`). Records are per
-//! classification, not per table: a classification baselined later (at a newer snapshot than
-//! the stream's position) then never mixes its state with that of the others.
+//! classification: a classification baselined later (at a newer snapshot than the stream's
+//! position) then never mixes its state with that of the others. They are stored together,
+//! one sled entry per row, because sled's cost is per entry: reading and rewriting five
+//! small records costs about six times as much as one five times as large.
 
 use serde::{Deserialize, Serialize};
 
-const STATE: u8 = b's';
+const ROW: u8 = b't';
 const CLASS: u8 = b'c';
 const DEPENDENCY: u8 = b'r';
+/// Where walhook 0.1's first layout kept one record per classification and row.
+pub const LEGACY: u8 = b's';
+/// The name of a dependency pointer's one record.
+pub const POINTER: &str = "";
 
-/// The key of `row` (its primary key as JSON text) under classification `class`.
-pub fn row_key(class: &str, row: &str) -> Vec<u8> {
-    let mut key = class_prefix(class);
+/// The key of `row` (its primary key as JSON text) of `table` ("schema.name").
+pub fn row_key(table: &str, row: &str) -> Vec<u8> {
+    let mut key = table_prefix(table);
     key.extend_from_slice(row.as_bytes());
     key
 }
 
-/// The prefix of every row key of `class`.
-pub fn class_prefix(class: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(class.len() + 24);
-    key.push(STATE);
-    key.extend_from_slice(class.as_bytes());
+/// The prefix of every row key of `table`.
+pub fn table_prefix(table: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(table.len() + 24);
+    key.push(ROW);
+    key.extend_from_slice(table.as_bytes());
     key.push(0);
     key
 }
@@ -44,6 +52,11 @@ pub fn row_of(prefix: &[u8], key: &[u8]) -> Option<String> {
     key.strip_prefix(prefix)
         .and_then(|k| std::str::from_utf8(k).ok())
         .map(str::to_string)
+}
+
+/// The prefix of every dependency record.
+pub fn dependency_root() -> Vec<u8> {
+    vec![DEPENDENCY]
 }
 
 /// The prefix of every dependency record of `class`.
@@ -172,6 +185,97 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// One row's records, one per classification (by name) that keeps state for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Packed(Vec<(String, Record)>);
+
+impl Packed {
+    /// A dependency pointer: one record, named [`POINTER`].
+    pub fn pointer(record: Record) -> Packed {
+        Packed(vec![(POINTER.to_string(), record)])
+    }
+
+    pub fn get(&self, class: &str) -> Option<&Record> {
+        self.0.iter().find(|(n, _)| n == class).map(|(_, r)| r)
+    }
+
+    /// Sets (`Some`) or removes (`None`) the record of `class`.
+    pub fn set(&mut self, class: &str, record: Option<Record>) {
+        let at = self.0.iter().position(|(n, _)| n == class);
+        match (at, record) {
+            (Some(i), Some(record)) => self.0[i].1 = record,
+            (Some(i), None) => {
+                self.0.remove(i);
+            }
+            (None, Some(record)) => self.0.push((class.to_string(), record)),
+            (None, None) => {}
+        }
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = &Record> {
+        self.0.iter().map(|(_, r)| r)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The value to store: `None` (remove the key) when no record is left.
+    pub fn stored(&self) -> Option<Vec<u8>> {
+        (!self.is_empty()).then(|| self.encode())
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, record) in &self.0 {
+            let record = record.encode();
+            out.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&(record.len() as u32).to_be_bytes());
+            out.extend_from_slice(&record);
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Packed, String> {
+        let mut r = Reader(bytes);
+        let mut records = Vec::new();
+        while !r.0.is_empty() {
+            let name = r.text()?;
+            let len = u32::from_be_bytes(r.take(4)?.try_into().map_err(|_| "short length")?);
+            records.push((name, Record::decode(r.take(len as usize)?)?));
+        }
+        Ok(Packed(records))
+    }
+}
+
+/// Removes `class`'s records from every row of `table` (in batches; not atomic).
+pub fn forget(log: &crate::log::Log, table: &str, class: &str) -> Result<(), crate::log::LogError> {
+    let prefix = table_prefix(table);
+    let mut from = prefix.clone();
+    loop {
+        let page = log.scan_raw(&prefix, &from, 10_000)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        from = last.to_vec();
+        from.push(0);
+        let mut writes = Vec::new();
+        for (key, bytes) in &page {
+            let mut packed =
+                Packed::decode(bytes).map_err(|reason| crate::log::LogError::Corrupt {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    reason,
+                })?;
+            if packed.get(class).is_some() {
+                packed.set(class, None);
+                writes.push((key.to_vec(), packed.stored()));
+            }
+        }
+        log.write_bulk(&writes)?;
+    }
+}
+
 /// What a classification's state was built for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClassMeta {
@@ -180,6 +284,9 @@ pub struct ClassMeta {
     /// Transactions committed at or after this LSN update the state; earlier ones were
     /// already in the baseline's snapshot.
     pub active_from: u64,
+    /// The table whose rows hold its records ("schema.name").
+    #[serde(default)]
+    pub table: String,
 }
 
 #[cfg(test)]
@@ -205,15 +312,42 @@ mod tests {
         #[test]
         fn decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = Record::decode(&bytes);
+            let _ = Packed::decode(&bytes);
+        }
+
+        #[test]
+        fn packed_rows_round_trip_and_keep_each_classification_apart(
+            names in proptest::collection::vec("[a-z_.]{0,6}", 0..6),
+            lsns in proptest::collection::vec(any::<u64>(), 6),
+        ) {
+            let mut packed = Packed::default();
+            for (name, lsn) in names.iter().zip(&lsns) {
+                packed.set(name, Some(Record { value: Known::True, lsn: *lsn, columns: vec![(name.clone(), None)] }));
+            }
+            prop_assert_eq!(Packed::decode(&packed.encode()), Ok(packed.clone()));
+            // The last set of each name wins, and removing one leaves the others.
+            for (name, lsn) in names.iter().zip(&lsns).rev() {
+                if names.iter().zip(&lsns).rev().find(|(n, _)| *n == name).map(|(_, l)| l) == Some(lsn) {
+                    prop_assert_eq!(packed.get(name).map(|r| r.lsn), Some(*lsn));
+                }
+            }
+            if let Some(first) = names.first() {
+                packed.set(first, None);
+                prop_assert!(packed.get(first).is_none());
+                for name in names.iter().filter(|n| *n != first) {
+                    prop_assert!(packed.get(name).is_some());
+                }
+            }
+            prop_assert_eq!(packed.stored().is_none(), packed.is_empty());
         }
     }
 
     #[test]
-    fn keys_sort_by_classification_then_row() {
-        let a = row_key("active", "42");
-        assert!(a.starts_with(&class_prefix("active")));
-        assert_eq!(row_of(&class_prefix("active"), &a).as_deref(), Some("42"));
-        // "active" rows never fall under the prefix of "active2".
-        assert!(!row_key("active2", "1").starts_with(&class_prefix("active")));
+    fn keys_sort_by_table_then_row() {
+        let a = row_key("public.a", "42");
+        assert!(a.starts_with(&table_prefix("public.a")));
+        assert_eq!(row_of(&table_prefix("public.a"), &a).as_deref(), Some("42"));
+        // "public.a" rows never fall under the prefix of "public.a2".
+        assert!(!row_key("public.a2", "1").starts_with(&table_prefix("public.a")));
     }
 }

@@ -621,6 +621,53 @@ async fn baseline_is_silent() {
     st.expect("nothing more after the restart", &[]).await;
 }
 
+/// A data dir written by a walhook that kept one state entry per classification and row
+/// (keys `b's'` + classification + NUL + row): that state is dropped at start and every
+/// classification is baselined again, silently; the stream then goes on from the log's
+/// position with the true prior values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_of_an_earlier_layout_is_baselined_again() {
+    let hooks = [hook("all", "customer_active", Side::Any, Side::Any)];
+    let setup = format!(
+        "{CUSTOMERS}
+         INSERT INTO customers VALUES (1, 'active', NULL), (2, 'trial', NULL);"
+    );
+    let s = Scenario::new(&setup, &config(&hooks)).await;
+    let dir = classification_dir(&s, &[("customer_active", CUSTOMER_ACTIVE)]);
+    let mut walhook = start(&s, &dir).await;
+    walhook.sigterm();
+    let status = walhook.wait_exit(WAIT).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    // Changed while stopped: compared with the new baseline, so not a transition.
+    s.pg.exec("UPDATE customers SET status = 'active' WHERE id = 2")
+        .await;
+    {
+        let log = walhook::log::Log::open(&s.data_dir()).expect("open the data dir's log");
+        log.append_with_state(
+            &[],
+            &[(b"scustomer_active\x002".to_vec(), Some(vec![0; 9]))],
+            None,
+            0,
+        )
+        .expect("plant a state entry of the earlier layout");
+        log.flush().await.expect("flush");
+    }
+    walhook.restart();
+    walhook.wait_log_count(STREAMING, 2).await;
+    assert!(
+        walhook.log().contains("baselined again"),
+        "no word of the earlier state:\n{}",
+        walhook.log()
+    );
+    let mut st = Steps::new(&s, "customer_active", "public.customers");
+    st.expect("nothing from the new baseline", &[]).await;
+    st.run(
+        "UPDATE customers SET status = 'churned' WHERE id IN (1, 2)",
+        &[("all", T, F, &[1, 2])],
+    )
+    .await;
+}
+
 const CUSTOMERS_AND_CONTRACTS: &str = "
 CREATE TABLE customers (id bigint PRIMARY KEY, status text);
 CREATE TABLE contracts (id bigint PRIMARY KEY, customer_id bigint REFERENCES customers,

@@ -24,9 +24,9 @@ use crate::config::quote_ident;
 use crate::derive::classification::{
     key_text, ClassifiedTable, ClassifyError, Dependency, Evaluator,
 };
-use crate::log::Log;
+use crate::log::{Log, LogError};
 use crate::source::Database;
-use crate::state::{self, ClassMeta, Record};
+use crate::state::{self, ClassMeta, Packed, Record};
 
 /// Rows read and evaluated per round trip.
 const BATCH: usize = 2000;
@@ -47,7 +47,8 @@ pub async fn baseline(
     // Forget the old state first: a baseline interrupted half-way leaves no meta, so the
     // next start baselines again.
     log.write_raw(&[(state::meta_key(&spec.name), None)])?;
-    log.remove_prefix(&state::class_prefix(&spec.name))?;
+    let table_text = table.table.to_string();
+    state::forget(log, &table_text, &spec.name)?;
     log.remove_prefix(&state::dependency_prefix(&spec.name))?;
 
     let client = db.connect().await?;
@@ -123,7 +124,17 @@ pub async fn baseline(
                 lsn: 0,
                 columns,
             };
-            writes.push((state::row_key(&spec.name, label), Some(record.encode())));
+            // The row's records of the other classifications stay as they are.
+            let row_key = state::row_key(&table_text, label);
+            let mut packed = match log.get_raw(&row_key)? {
+                Some(bytes) => Packed::decode(&bytes).map_err(|reason| LogError::Corrupt {
+                    key: String::from_utf8_lossy(&row_key).into_owned(),
+                    reason,
+                })?,
+                None => Packed::default(),
+            };
+            packed.set(&spec.name, Some(record));
+            writes.push((row_key, packed.stored()));
         }
         log.write_bulk(&writes)?;
         progress.advance(images.len() as u64);
@@ -208,7 +219,7 @@ async fn dependency_baseline(
             };
             writes.push((
                 state::dependency_key(class, index, &label),
-                Some(record.encode()),
+                Some(Packed::pointer(record).encode()),
             ));
         }
         if writes.is_empty() {

@@ -27,7 +27,7 @@ use crate::derive::mutation::TxnContext;
 use crate::log::{Log, LogError, NewNotification, NotificationKey};
 use crate::schema::KeyColumn;
 use crate::source::{Database, SourceError};
-use crate::state::{self, Known, Record};
+use crate::state::{self, Known, Packed, Record};
 
 /// One column of a row image, as the WAL carried it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -575,7 +575,8 @@ impl Classifier {
         }
         let mut groups_rows: Vec<(usize, u8, u8, Vec<Value>, ClassSpec, TransitionSub)> =
             Vec::new();
-        let mut writes: StateWrites = Vec::new();
+        // Rows whose records changed, read once each (several classifications may share one).
+        let mut rows: BTreeMap<Vec<u8>, Packed> = BTreeMap::new();
         for (table_name, index) in &due {
             let Some(table) = self.tables.get(table_name) else {
                 continue;
@@ -621,9 +622,23 @@ impl Classifier {
                     Side::True => Known::True,
                     _ => Known::False,
                 };
-                writes.push((key, Some(record.encode())));
+                let packed = match rows.entry(key) {
+                    std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(entry) => {
+                        let packed = match log.get_raw(entry.key())? {
+                            Some(bytes) => decode(entry.key(), &bytes)?,
+                            None => Packed::default(),
+                        };
+                        entry.insert(packed)
+                    }
+                };
+                packed.set(&class.name, Some(record));
             }
         }
+        let mut writes: StateWrites = rows
+            .into_iter()
+            .map(|(key, packed)| (key, packed.stored()))
+            .collect();
         for (table, index, when) in &mut self.rechecks {
             if due.iter().any(|(t, i)| t == table && i == index) {
                 let every = self.tables[table].classes[*index]
@@ -691,13 +706,7 @@ impl Classifier {
             self.evaluator = None;
         }
         let notifications = result?;
-        let mut writes: StateWrites = overlay
-            .writes
-            .into_iter()
-            .map(|(k, v)| (k, v.map(|r| r.encode())))
-            .collect();
-        writes.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok((notifications, writes))
+        Ok((notifications, overlay.writes()))
     }
 
     /// Derives the transitions of one spilled (huge) transaction from its changes in the
@@ -863,7 +872,8 @@ impl Classifier {
                     if txn.ctx.lsn < class.active_from {
                         continue;
                     }
-                    let prefix = state::class_prefix(&class.name);
+                    let table_text = name.to_string();
+                    let prefix = state::table_prefix(&table_text);
                     if let Some(plan) = &class.relation {
                         // A relation event: the links the watched row holds before and after.
                         let link = |row: &Value, record: Option<&Record>| {
@@ -873,7 +883,7 @@ impl Classifier {
                                 end_of(&plan.related, row, record)?,
                             ))
                         };
-                        let mut scan = Existing::new(&prefix, changes.truncated);
+                        let mut scan = Existing::new(&prefix, &class.name, changes.truncated);
                         while let Some(page) = scan.next(log, overlay, in_scratch)? {
                             for (key, record) in page {
                                 let Some(row) = state::row_of(&prefix, &key) else {
@@ -894,7 +904,7 @@ impl Classifier {
                                     );
                                     add_link(&mut links, class, RelOp::RelatedChange, &row, None);
                                 }
-                                overlay.writes.insert(key, None);
+                                overlay.set(log, &key, &class.name, None)?;
                             }
                             if let Some(ordinals) = spilled.as_deref_mut() {
                                 // A spilled transaction keeps one page in memory.
@@ -905,8 +915,8 @@ impl Classifier {
                             }
                         }
                         for (r, (key, change)) in changes.rows.iter().enumerate() {
-                            let state_key = state::row_key(&class.name, key);
-                            let before = stored(log, &state_key, overlay)?;
+                            let state_key = state::row_key(&table_text, key);
+                            let before = overlay.record(log, &state_key, &class.name)?;
                             let after = change.after.as_ref().map(|_| Record {
                                 value: Known::False,
                                 lsn: txn.ctx.lsn,
@@ -932,14 +942,14 @@ impl Classifier {
                                 _ => false,
                             };
                             if !unchanged {
-                                overlay.writes.insert(state_key, after);
+                                overlay.set(log, &state_key, &class.name, after)?;
                             }
                         }
                         continue;
                     }
                     // Every row that existed is gone, unless the transaction wrote it again
                     // after the TRUNCATE (handled with the touched rows below).
-                    let mut scan = Existing::new(&prefix, changes.truncated);
+                    let mut scan = Existing::new(&prefix, &class.name, changes.truncated);
                     while let Some(page) = scan.next(log, overlay, in_scratch)? {
                         for (key, record) in page {
                             let Some(row) = state::row_of(&prefix, &key) else {
@@ -961,7 +971,7 @@ impl Classifier {
                                     Side::Null,
                                 );
                             }
-                            overlay.writes.insert(key, None);
+                            overlay.set(log, &key, &class.name, None)?;
                         }
                         if let Some(ordinals) = spilled.as_deref_mut() {
                             // A spilled transaction keeps one page in memory.
@@ -972,10 +982,10 @@ impl Classifier {
                         }
                     }
                     for (r, (key, change)) in changes.rows.iter().enumerate() {
-                        let state_key = state::row_key(&class.name, key);
+                        let state_key = state::row_key(&table_text, key);
                         // The value before the transaction: an earlier transaction of the
                         // group, or the store.
-                        let before = stored(log, &state_key, overlay)?;
+                        let before = overlay.record(log, &state_key, &class.name)?;
                         let after = match (&change.after, values.get(&(name, t, r))) {
                             (Some(_), Some(v)) => Some(Record {
                                 // A failed evaluation keeps the last known value: as if
@@ -1020,7 +1030,7 @@ impl Classifier {
                             _ => false,
                         };
                         if !unchanged {
-                            overlay.writes.insert(state_key, after);
+                            overlay.set(log, &state_key, &class.name, after)?;
                         }
                     }
                 }
@@ -1043,17 +1053,17 @@ impl Classifier {
                         let mut prefix = state::dependency_prefix(&class.name);
                         prefix.push(d as u8);
                         if changes.truncated {
-                            for (key, record) in existing(log, &prefix, overlay)? {
+                            for (key, record) in existing(log, &prefix, state::POINTER, overlay)? {
                                 pointed.push((
                                     d,
                                     record.columns.into_iter().map(|(_, v)| v).collect(),
                                 ));
-                                overlay.writes.insert(key, None);
+                                overlay.set(log, &key, state::POINTER, None)?;
                             }
                         }
                         for (r, (key, change)) in changes.rows.iter().enumerate() {
                             let dep_key = state::dependency_key(&class.name, d, key);
-                            if let Some(old) = stored(log, &dep_key, overlay)? {
+                            if let Some(old) = overlay.record(log, &dep_key, state::POINTER)? {
                                 pointed
                                     .push((d, old.columns.into_iter().map(|(_, v)| v).collect()));
                             }
@@ -1084,10 +1094,10 @@ impl Classifier {
                                         lsn: txn.ctx.lsn,
                                         columns: dep.via.iter().cloned().zip(values).collect(),
                                     };
-                                    overlay.writes.insert(dep_key, Some(record));
+                                    overlay.set(log, &dep_key, state::POINTER, Some(record))?;
                                 }
                                 None => {
-                                    overlay.writes.insert(dep_key, None);
+                                    overlay.set(log, &dep_key, state::POINTER, None)?;
                                 }
                             }
                         }
@@ -1126,9 +1136,9 @@ impl Classifier {
                             {
                                 continue;
                             }
-                            let key = state::row_key(&class.name, &row);
+                            let key = state::row_key(&base_name.to_string(), &row);
                             // Rows the stream has not seen yet are its to report.
-                            if let Some(record) = stored(log, &key, overlay)? {
+                            if let Some(record) = overlay.record(log, &key, &class.name)? {
                                 candidates.push((row, key, record));
                             }
                         }
@@ -1160,7 +1170,7 @@ impl Classifier {
                             let row_json = serde_json::from_str(&row).unwrap_or(Value::String(row));
                             add(&mut groups, class, row_json, from, to);
                             record.value = known;
-                            overlay.writes.insert(key, Some(record));
+                            overlay.set(log, &key, &class.name, Some(record))?;
                         }
                     }
                 }
@@ -1211,31 +1221,22 @@ fn side_json(side: Side) -> Value {
     }
 }
 
-fn decode(key: &[u8], bytes: &[u8]) -> Result<Record, LogError> {
-    Record::decode(bytes).map_err(|reason| LogError::Corrupt {
+fn decode(key: &[u8], bytes: &[u8]) -> Result<Packed, LogError> {
+    Packed::decode(bytes).map_err(|reason| LogError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
         reason,
     })
 }
 
-/// The record under `key` as of the end of the group's transactions so far.
-fn stored(log: &Log, key: &[u8], overlay: &Overlay) -> Result<Option<Record>, LogError> {
-    if let Some(record) = overlay.get(log, key)? {
-        return Ok(record);
-    }
-    match log.get_raw(key)? {
-        None => Ok(None),
-        Some(bytes) => decode(key, &bytes).map(Some),
-    }
-}
-
-/// Every record under `prefix` as of the transactions derived so far, in key order.
+/// `class`'s records under `prefix` that exist as of the transactions derived so far, in
+/// key order.
 fn existing(
     log: &Log,
     prefix: &[u8],
+    class: &str,
     overlay: &Overlay,
 ) -> Result<Vec<(Vec<u8>, Record)>, LogError> {
-    let mut all: BTreeMap<Vec<u8>, Record> = BTreeMap::new();
+    let mut all: BTreeMap<Vec<u8>, Packed> = BTreeMap::new();
     let mut pages = |scan: &[u8], staged: bool| -> Result<(), LogError> {
         let mut from = scan.to_vec();
         loop {
@@ -1248,10 +1249,8 @@ fn existing(
             for (key, bytes) in page {
                 if staged {
                     let key = key[1..].to_vec();
-                    match decode_staged(&key, &bytes)? {
-                        Some(record) => all.insert(key, record),
-                        None => all.remove(&key),
-                    };
+                    let packed = decode_staged(&key, &bytes)?;
+                    all.insert(key, packed);
                 } else {
                     all.insert(key.to_vec(), decode(&key, &bytes)?);
                 }
@@ -1262,34 +1261,37 @@ fn existing(
     if overlay.staged {
         pages(&staged_key(prefix), true)?;
     }
-    for (key, record) in &overlay.writes {
+    for (key, (packed, _)) in &overlay.rows {
         if key.starts_with(prefix) {
-            match record {
-                Some(record) => all.insert(key.clone(), record.clone()),
-                None => all.remove(key),
-            };
+            all.insert(key.clone(), packed.clone());
         }
     }
-    Ok(all.into_iter().collect())
+    Ok(all
+        .into_iter()
+        .filter_map(|(key, packed)| packed.get(class).cloned().map(|r| (key, r)))
+        .collect())
 }
 
 /// State keys with their records.
 type Page = Vec<(Vec<u8>, Record)>;
 
-/// The records under a prefix that exist as of the transactions derived so far (for a
-/// TRUNCATE): all at once for an ordinary group; a page at a time for a spilled transaction,
-/// whose caller writes out what each page produced (memory holds one page).
+/// A classification's records under a table's prefix that exist as of the transactions
+/// derived so far (for a TRUNCATE): all at once for an ordinary group; a page at a time for a
+/// spilled transaction, whose caller writes out what each page produced (memory holds one
+/// page).
 struct Existing {
     prefix: Vec<u8>,
+    class: String,
     from: Vec<u8>,
     done: bool,
 }
 
 impl Existing {
     /// `active`: false yields nothing (the table was not truncated).
-    fn new(prefix: &[u8], active: bool) -> Existing {
+    fn new(prefix: &[u8], class: &str, active: bool) -> Existing {
         Existing {
             prefix: prefix.to_vec(),
+            class: class.to_string(),
             from: prefix.to_vec(),
             done: !active,
         }
@@ -1306,7 +1308,7 @@ impl Existing {
         }
         if !paged {
             self.done = true;
-            return existing(log, &self.prefix, overlay).map(Some);
+            return existing(log, &self.prefix, &self.class, overlay).map(Some);
         }
         // A spilled transaction's earlier chunks only changed rows that exist in the store
         // (its new rows come from this table's own chunks, after the TRUNCATE's), so the
@@ -1320,49 +1322,101 @@ impl Existing {
         self.from.push(0);
         let mut out = Vec::with_capacity(page.len());
         for (key, bytes) in page {
-            match overlay.get(log, &key)? {
-                Some(Some(record)) => out.push((key.to_vec(), record)),
-                Some(None) => {}
-                None => out.push((key.to_vec(), decode(&key, &bytes)?)),
+            let packed = match overlay.rows.get(key.as_ref()) {
+                Some((packed, _)) => packed.clone(),
+                None => match overlay.staged_row(log, &key)? {
+                    Some(packed) => packed,
+                    None => decode(&key, &bytes)?,
+                },
+            };
+            if let Some(record) = packed.get(&self.class) {
+                out.push((key.to_vec(), record.clone()));
             }
         }
         Ok(Some(out))
     }
 }
 
-/// State writes of the transactions being derived, not in the store yet. For a spilled
-/// transaction each chunk's writes move to the staging area (`b'y'` + state key), so that
-/// memory holds one chunk; the store itself changes only once the whole transaction is
-/// derived (a replay after a crash must find the state from before the transaction).
+/// The rows the transactions being derived read and wrote, as of the transactions derived
+/// so far. For a spilled transaction each chunk's writes move to the staging area (`b'y'` +
+/// state key), so that memory holds one chunk; the store itself changes only once the whole
+/// transaction is derived (a replay after a crash must find the state from before the
+/// transaction).
 #[derive(Default)]
 struct Overlay {
-    writes: HashMap<Vec<u8>, Option<Record>>,
+    /// By state key: the row's records, and whether the transactions changed them.
+    rows: HashMap<Vec<u8>, (Packed, bool)>,
     staged: bool,
 }
 
 impl Overlay {
-    /// `Some(record or removal)` when the transactions being derived wrote `key`.
-    fn get(&self, log: &Log, key: &[u8]) -> Result<Option<Option<Record>>, LogError> {
-        if let Some(record) = self.writes.get(key) {
-            return Ok(Some(record.clone()));
+    /// The row under `key` in the staging area, if there.
+    fn staged_row(&self, log: &Log, key: &[u8]) -> Result<Option<Packed>, LogError> {
+        if !self.staged {
+            return Ok(None);
         }
-        if self.staged {
-            if let Some(bytes) = log.get_raw(&staged_key(key))? {
-                return decode_staged(key, &bytes).map(Some);
-            }
+        match log.get_raw(&staged_key(key))? {
+            Some(bytes) => decode_staged(key, &bytes).map(Some),
+            None => Ok(None),
         }
-        Ok(None)
     }
 
-    /// Moves the writes to the staging area.
+    /// The row under `key`, read once.
+    fn row(&mut self, log: &Log, key: &[u8]) -> Result<&mut (Packed, bool), LogError> {
+        if !self.rows.contains_key(key) {
+            let packed = match self.staged_row(log, key)? {
+                Some(packed) => packed,
+                None => match log.get_raw(key)? {
+                    Some(bytes) => decode(key, &bytes)?,
+                    None => Packed::default(),
+                },
+            };
+            self.rows.insert(key.to_vec(), (packed, false));
+        }
+        Ok(self.rows.get_mut(key).expect("inserted above"))
+    }
+
+    /// `class`'s record of the row under `key`.
+    fn record(&mut self, log: &Log, key: &[u8], class: &str) -> Result<Option<Record>, LogError> {
+        Ok(self.row(log, key)?.0.get(class).cloned())
+    }
+
+    /// Sets (or with `None` removes) `class`'s record of the row under `key`.
+    fn set(
+        &mut self,
+        log: &Log,
+        key: &[u8],
+        class: &str,
+        record: Option<Record>,
+    ) -> Result<(), LogError> {
+        let (packed, changed) = self.row(log, key)?;
+        packed.set(class, record);
+        *changed = true;
+        Ok(())
+    }
+
+    /// The changed rows as state writes, in key order.
+    fn writes(self) -> StateWrites {
+        let mut writes: StateWrites = self
+            .rows
+            .into_iter()
+            .filter(|(_, (_, changed))| *changed)
+            .map(|(key, (packed, _))| (key, packed.stored()))
+            .collect();
+        writes.sort_by(|a, b| a.0.cmp(&b.0));
+        writes
+    }
+
+    /// Moves the changed rows to the staging area (and forgets the rest).
     fn stage(&mut self, log: &Log) -> Result<(), LogError> {
         let entries: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
-            .writes
+            .rows
             .drain()
-            .map(|(key, record)| {
-                let mut value = vec![u8::from(record.is_some())];
-                if let Some(record) = record {
-                    value.extend(record.encode());
+            .filter(|(_, (_, changed))| *changed)
+            .map(|(key, (packed, _))| {
+                let mut value = vec![u8::from(!packed.is_empty())];
+                if !packed.is_empty() {
+                    value.extend(packed.encode());
                 }
                 (staged_key(&key), Some(value))
             })
@@ -1387,10 +1441,11 @@ fn staged_key(key: &[u8]) -> Vec<u8> {
     staged
 }
 
-fn decode_staged(key: &[u8], bytes: &[u8]) -> Result<Option<Record>, LogError> {
+/// A staged row: `[1]` + its records, or `[0]` when none is left.
+fn decode_staged(key: &[u8], bytes: &[u8]) -> Result<Packed, LogError> {
     match bytes.split_first() {
-        Some((1, record)) => decode(key, record).map(Some),
-        _ => Ok(None),
+        Some((1, packed)) => decode(key, packed),
+        _ => Ok(Packed::default()),
     }
 }
 
@@ -1598,16 +1653,17 @@ fn fill(
                     prev.get(i).cloned().flatten()
                 } else {
                     if records.is_none() {
-                        let mut found = Vec::new();
-                        for class in &table.classes {
-                            if txn.ctx.lsn < class.active_from {
-                                continue;
-                            }
-                            let k = state::row_key(&class.name, key);
-                            if let Some(bytes) = log.get_raw(&k)? {
-                                found.push(decode(&k, &bytes)?);
-                            }
-                        }
+                        let k = state::row_key(&table.table.to_string(), key);
+                        let packed = match log.get_raw(&k)? {
+                            Some(bytes) => decode(&k, &bytes)?,
+                            None => Packed::default(),
+                        };
+                        let found = table
+                            .classes
+                            .iter()
+                            .filter(|class| txn.ctx.lsn >= class.active_from)
+                            .filter_map(|class| packed.get(&class.name).cloned())
+                            .collect();
                         records = Some(found);
                     }
                     let name = &table.columns[i].0;
@@ -1755,7 +1811,7 @@ async fn stored_values(
     log: &Log,
 ) -> Result<Vec<LiveChange>, ClassifyError> {
     let class = &table.classes[index];
-    let prefix = state::class_prefix(&class.name);
+    let prefix = state::table_prefix(&table.table.to_string());
     let mut from = prefix.clone();
     let mut changed = Vec::new();
     loop {
@@ -1772,7 +1828,9 @@ async fn stored_values(
             let Some(row) = state::row_of(&prefix, key) else {
                 continue;
             };
-            let record = decode(key, bytes)?;
+            let Some(record) = decode(key, bytes)?.get(&class.name).cloned() else {
+                continue;
+            };
             images.push(
                 table
                     .columns
@@ -1782,6 +1840,9 @@ async fn stored_values(
             );
             labels.push(row);
             records.push((key.to_vec(), record));
+        }
+        if images.is_empty() {
+            continue;
         }
         let values = evaluator
             .evaluate(table, Some(index), &images, &labels)
