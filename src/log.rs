@@ -12,7 +12,11 @@
 //! b'd' hook \0 lsn ordinal            → delivered at (ms since the Unix epoch)
 //! b'a' hook \0 lsn ordinal attempt    → Attempt record
 //! b'm' "position"                     → commit LSN and end LSN of the last logged transaction
-//! b's' ... , b'c' ...                  → the row state store (see `crate::state`)
+//! b'm' "origin", "recheck", "applying", "spilling" → the database and slot; recheck
+//!                                        numbering; a spilled transaction's progress
+//! b't' ..., b'c' ..., b'q' ...          → the row state store (see `crate::state`)
+//! b'x' ..., b'y' ...                    → a spilled transaction's scratch and staging areas
+//!                                        (see `crate::derive::classification`)
 //! ```
 //!
 //! Progress invariant: the position key is written in the same batch as the last

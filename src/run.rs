@@ -379,23 +379,20 @@ async fn baselines(
         e => PrepareError::Definite(e.to_string()),
     };
     let meta_prefix = state::meta_prefix();
-    // State in the first layout (one entry per classification and row): dropped, so that
-    // every classification is baselined again (silently, as on a first start).
-    let legacy = [state::LEGACY];
-    if !log
-        .scan_raw(&legacy, &legacy, 1)
-        .map_err(definite)?
-        .is_empty()
-    {
-        for prefix in [
-            legacy.to_vec(),
-            state::dependency_root(),
-            meta_prefix.clone(),
-        ] {
-            log.remove_prefix(&prefix).map_err(definite)?;
-        }
+    // State in the first layout (one entry per classification and row) is converted.
+    let tables: std::collections::HashMap<String, String> = classified
+        .iter()
+        .flat_map(|t| {
+            t.classes
+                .iter()
+                .map(|c| (c.name.clone(), t.table.to_string()))
+        })
+        .collect();
+    let converted = state::convert_first_layout(log, &tables).map_err(definite)?;
+    if converted > 0 {
         tracing::info!(
-            "row state from an earlier walhook found: every classification is baselined again"
+            entries = converted,
+            "converted the row state of an earlier walhook to one entry per row"
         );
     }
     // Forget classifications that are no longer evaluated, or not on the same table.
@@ -413,10 +410,11 @@ async fn baselines(
         if current.is_some_and(|t| t.table.to_string() == table) {
             continue;
         }
-        log.write_raw(&[(key.to_vec(), None)]).map_err(definite)?;
+        // The records first: a crash half-way leaves the meta, and the next start again.
         state::forget(log, &table, &name).map_err(definite)?;
         log.remove_prefix(&state::dependency_prefix(&name))
             .map_err(definite)?;
+        log.write_raw(&[(key.to_vec(), None)]).map_err(definite)?;
         if current.is_none() {
             tracing::info!(classification = %name, "dropped the state of a classification no event uses");
         }

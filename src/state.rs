@@ -9,7 +9,7 @@
 //! b'c' classification               → ClassMeta: which SQL the state was built for, its
 //!                                     table, and from which commit LSN on the stream
 //!                                     maintains it
-//! b'r' classification \0 dep key-json → Packed, one Record named "": the values with which a
+//! b'q' classification \0 dep key-json → Packed, one Record named "": the values with which a
 //!                                     row of a table the condition depends on points to base
 //!                                     rows (its foreign key), so that an update or delete that
 //!                                     does not carry them still re-evaluates the old base rows
@@ -25,9 +25,11 @@ use serde::{Deserialize, Serialize};
 
 const ROW: u8 = b't';
 const CLASS: u8 = b'c';
-const DEPENDENCY: u8 = b'r';
-/// Where walhook 0.1's first layout kept one record per classification and row.
-pub const LEGACY: u8 = b's';
+const DEPENDENCY: u8 = b'q';
+/// Where the first layout kept one record per classification and row,
+const LEGACY_ROW: u8 = b's';
+/// and its dependency pointers, a bare record each.
+const LEGACY_DEPENDENCY: u8 = b'r';
 /// The name of a dependency pointer's one record.
 pub const POINTER: &str = "";
 
@@ -52,11 +54,6 @@ pub fn row_of(prefix: &[u8], key: &[u8]) -> Option<String> {
     key.strip_prefix(prefix)
         .and_then(|k| std::str::from_utf8(k).ok())
         .map(str::to_string)
-}
-
-/// The prefix of every dependency record.
-pub fn dependency_root() -> Vec<u8> {
-    vec![DEPENDENCY]
 }
 
 /// The prefix of every dependency record of `class`.
@@ -276,6 +273,89 @@ pub fn forget(log: &crate::log::Log, table: &str, class: &str) -> Result<(), cra
     }
 }
 
+/// Converts row state of the first layout (`b's'` classification \0 row → Record, and
+/// `b'r'` pointers holding a bare Record) to the current one, keeping every value, so that
+/// the stream goes on from the log's position as before. Each page is one atomic batch that
+/// writes the new entries and removes the old ones, so a crash half-way resumes where it
+/// stopped. `tables` maps each configured classification to its table ("schema.name");
+/// the state and meta of any other classification are dropped. Returns how many old
+/// entries there were.
+pub fn convert_first_layout(
+    log: &crate::log::Log,
+    tables: &std::collections::HashMap<String, String>,
+) -> Result<usize, crate::log::LogError> {
+    let corrupt = |key: &[u8], reason: String| crate::log::LogError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason,
+    };
+    let mut converted = 0;
+    for kind in [LEGACY_ROW, LEGACY_DEPENDENCY] {
+        loop {
+            let page = log.scan_raw(&[kind], &[kind], 1000)?;
+            if page.is_empty() {
+                break;
+            }
+            converted += page.len();
+            let mut rows: std::collections::BTreeMap<Vec<u8>, Packed> = Default::default();
+            let mut writes = Vec::with_capacity(page.len() * 2);
+            for (key, bytes) in &page {
+                writes.push((key.to_vec(), None));
+                let Some(split) = key.iter().position(|b| *b == 0) else {
+                    continue;
+                };
+                let class = String::from_utf8_lossy(&key[1..split]).into_owned();
+                let Some(table) = tables.get(&class) else {
+                    continue;
+                };
+                let record = Record::decode(bytes).map_err(|r| corrupt(key, r))?;
+                if kind == LEGACY_DEPENDENCY {
+                    let mut new_key = key.to_vec();
+                    new_key[0] = DEPENDENCY;
+                    writes.push((new_key, Some(Packed::pointer(record).encode())));
+                    continue;
+                }
+                let row = String::from_utf8_lossy(&key[split + 1..]).into_owned();
+                let row_key = row_key(table, &row);
+                let packed = match rows.entry(row_key) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        let packed = match log.get_raw(e.key())? {
+                            Some(b) => Packed::decode(&b).map_err(|r| corrupt(e.key(), r))?,
+                            None => Packed::default(),
+                        };
+                        e.insert(packed)
+                    }
+                };
+                packed.set(&class, Some(record));
+            }
+            writes.extend(rows.into_iter().map(|(key, packed)| (key, packed.stored())));
+            log.write_raw(&writes)?;
+        }
+    }
+    if converted > 0 {
+        let prefix = meta_prefix();
+        let mut writes = Vec::new();
+        for (key, bytes) in log.scan_raw(&prefix, &prefix, usize::MAX)? {
+            let class = String::from_utf8_lossy(&key[1..]).into_owned();
+            let Ok(mut meta) = serde_json::from_slice::<ClassMeta>(&bytes) else {
+                continue;
+            };
+            if !meta.table.is_empty() {
+                continue;
+            }
+            match tables.get(&class) {
+                Some(table) => {
+                    meta.table = table.clone();
+                    writes.push((key.to_vec(), serde_json::to_vec(&meta).ok()));
+                }
+                None => writes.push((key.to_vec(), None)),
+            }
+        }
+        log.write_raw(&writes)?;
+    }
+    Ok(converted)
+}
+
 /// What a classification's state was built for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClassMeta {
@@ -340,6 +420,69 @@ mod tests {
             }
             prop_assert_eq!(packed.stored().is_none(), packed.is_empty());
         }
+    }
+
+    #[test]
+    fn the_first_layout_converts_keeping_every_value() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = crate::log::Log::open(dir.path()).expect("open");
+        let record = |lsn| Record {
+            value: Known::True,
+            lsn,
+            columns: vec![("status".into(), Some("active".into()))],
+        };
+        let meta = |table: &str| {
+            serde_json::to_vec(&ClassMeta {
+                fingerprint: "f".into(),
+                active_from: 7,
+                table: table.into(),
+            })
+            .ok()
+        };
+        let legacy = |kind: u8, rest: &str| {
+            let mut key = vec![kind];
+            key.extend_from_slice(rest.as_bytes());
+            key
+        };
+        log.write_raw(&[
+            (legacy(LEGACY_ROW, "a\u{0}1"), Some(record(1).encode())),
+            (legacy(LEGACY_ROW, "b\u{0}1"), Some(record(2).encode())),
+            (legacy(LEGACY_ROW, "gone\u{0}1"), Some(record(3).encode())),
+            (
+                legacy(LEGACY_DEPENDENCY, "a\u{0}\u{0}9"),
+                Some(record(4).encode()),
+            ),
+            (meta_key("a"), meta("")),
+            (meta_key("gone"), meta("")),
+        ])
+        .expect("first layout");
+        let tables = [("a", "public.t"), ("b", "public.t")]
+            .into_iter()
+            .map(|(c, t)| (c.to_string(), t.to_string()))
+            .collect();
+        assert_eq!(convert_first_layout(&log, &tables).expect("convert"), 4);
+        let row = log
+            .get_raw(&row_key("public.t", "1"))
+            .expect("get")
+            .expect("the row");
+        let packed = Packed::decode(&row).expect("packed");
+        assert_eq!(packed.get("a"), Some(&record(1)));
+        assert_eq!(packed.get("b"), Some(&record(2)));
+        assert!(packed.get("gone").is_none());
+        let mut pointer = dependency_prefix("a");
+        pointer.extend_from_slice(&[0, b'9']);
+        let pointer = log.get_raw(&pointer).expect("get").expect("the pointer");
+        assert_eq!(Packed::decode(&pointer), Ok(Packed::pointer(record(4))));
+        for kind in [LEGACY_ROW, LEGACY_DEPENDENCY] {
+            assert!(log.scan_raw(&[kind], &[kind], 10).expect("scan").is_empty());
+        }
+        let a: ClassMeta =
+            serde_json::from_slice(&log.get_raw(&meta_key("a")).expect("get").expect("meta"))
+                .expect("meta json");
+        assert_eq!((a.table.as_str(), a.active_from), ("public.t", 7));
+        assert!(log.get_raw(&meta_key("gone")).expect("get").is_none());
+        // Nothing left to do the second time.
+        assert_eq!(convert_first_layout(&log, &tables).expect("again"), 0);
     }
 
     #[test]

@@ -622,11 +622,11 @@ async fn baseline_is_silent() {
 }
 
 /// A data dir written by a walhook that kept one state entry per classification and row
-/// (keys `b's'` + classification + NUL + row): that state is dropped at start and every
-/// classification is baselined again, silently; the stream then goes on from the log's
-/// position with the true prior values.
+/// (`b's'` + classification + NUL + row → Record): converted at start, keeping every
+/// value, so a change made while walhook was stopped is still a transition afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn state_of_an_earlier_layout_is_baselined_again() {
+async fn state_of_an_earlier_layout_is_converted() {
+    use walhook::state::{row_key, Known, Record};
     let hooks = [hook("all", "customer_active", Side::Any, Side::Any)];
     let setup = format!(
         "{CUSTOMERS}
@@ -638,29 +638,51 @@ async fn state_of_an_earlier_layout_is_baselined_again() {
     walhook.sigterm();
     let status = walhook.wait_exit(WAIT).await;
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
-    // Changed while stopped: compared with the new baseline, so not a transition.
     s.pg.exec("UPDATE customers SET status = 'active' WHERE id = 2")
         .await;
     {
+        // The baseline's state, as the first layout kept it.
         let log = walhook::log::Log::open(&s.data_dir()).expect("open the data dir's log");
+        let legacy = |row: &str, value: Known, status: &str| {
+            let mut key = b"scustomer_active\0".to_vec();
+            key.extend_from_slice(row.as_bytes());
+            let record = Record {
+                value,
+                lsn: 0,
+                columns: vec![
+                    ("status".to_string(), Some(status.to_string())),
+                    ("deleted_at".to_string(), None),
+                ],
+            };
+            (key, Some(record.encode()))
+        };
         log.append_with_state(
             &[],
-            &[(b"scustomer_active\x002".to_vec(), Some(vec![0; 9]))],
+            &[
+                (row_key("public.customers", "1"), None),
+                (row_key("public.customers", "2"), None),
+                legacy("1", Known::True, "active"),
+                legacy("2", Known::False, "trial"),
+            ],
             None,
             0,
         )
-        .expect("plant a state entry of the earlier layout");
+        .expect("write the first layout");
         log.flush().await.expect("flush");
     }
     walhook.restart();
     walhook.wait_log_count(STREAMING, 2).await;
     assert!(
-        walhook.log().contains("baselined again"),
-        "no word of the earlier state:\n{}",
+        walhook.log().contains("converted the row state"),
+        "no word of the conversion:\n{}",
         walhook.log()
     );
     let mut st = Steps::new(&s, "customer_active", "public.customers");
-    st.expect("nothing from the new baseline", &[]).await;
+    st.expect(
+        "the change made while stopped, against the converted value",
+        &[("all", F, T, &[2])],
+    )
+    .await;
     st.run(
         "UPDATE customers SET status = 'churned' WHERE id IN (1, 2)",
         &[("all", T, F, &[1, 2])],

@@ -44,10 +44,19 @@ pub async fn baseline(
 ) -> Result<u64, ClassifyError> {
     let spec = &table.classes[class];
     let key = &table.key;
-    // Forget the old state first: a baseline interrupted half-way leaves no meta, so the
-    // next start baselines again.
-    log.write_raw(&[(state::meta_key(&spec.name), None)])?;
+    // Forget the old state first. Meanwhile the meta matches no query (an interrupted
+    // baseline is done again at the next start) but still names the table (a
+    // classification dropped from the config after the interruption is forgotten there).
     let table_text = table.table.to_string();
+    let unfinished = ClassMeta {
+        fingerprint: String::new(),
+        active_from: 0,
+        table: table_text.clone(),
+    };
+    log.write_raw(&[(
+        state::meta_key(&spec.name),
+        Some(serde_json::to_vec(&unfinished).unwrap_or_default()),
+    )])?;
     state::forget(log, &table_text, &spec.name)?;
     log.remove_prefix(&state::dependency_prefix(&spec.name))?;
 
