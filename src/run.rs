@@ -644,8 +644,8 @@ impl Stream<'_> {
                         Err(e) => break SessionEnd::Failed(e.into()),
                     };
                     match event {
-                        ReplicationEvent::Begin { final_lsn, commit_time_micros, .. } => {
-                            assembler.begin(final_lsn, commit_time_micros);
+                        ReplicationEvent::Begin { final_lsn, commit_time_micros, xid, .. } => {
+                            assembler.begin(final_lsn, commit_time_micros, xid);
                         }
                         ReplicationEvent::XLogData { data, .. } => match assembler.change(&data) {
                             Ok(ready) => {
@@ -846,6 +846,7 @@ impl Stream<'_> {
     async fn recheck(&mut self) -> Result<(), ClassifyError> {
         let lsn = self.log.position()?.map_or(0, |p| p.commit_lsn);
         let at = crate::derive::mutation::TxnContext {
+            xid: 0,
             lsn,
             lsn_text: Lsn(lsn).to_string(),
             committed_at: humantime::format_rfc3339_micros(std::time::SystemTime::now())

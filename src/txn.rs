@@ -191,11 +191,12 @@ impl Assembler {
         self.txn.as_mut().map(|t| (t.ctx.lsn, t.changes.drain()))
     }
 
-    pub fn begin(&mut self, final_lsn: Lsn, commit_time_micros: i64) {
+    pub fn begin(&mut self, final_lsn: Lsn, commit_time_micros: i64, xid: u32) {
         let unix_micros = commit_time_micros.saturating_add(PG_EPOCH_OFFSET_MICROS);
         let committed_at = UNIX_EPOCH + Duration::from_micros(unix_micros.max(0) as u64);
         self.txn = Some(OpenTxn {
             ctx: TxnContext {
+                xid,
                 lsn: final_lsn.0,
                 lsn_text: final_lsn.to_string(),
                 committed_at: humantime::format_rfc3339_micros(committed_at).to_string(),

@@ -319,6 +319,46 @@ impl Evaluator {
         }
     }
 
+    /// Waits until the transactions `xids` are visible to new snapshots. The stream may
+    /// carry a commit a moment before the committing backend makes it visible to others, and
+    /// a condition's reads of other tables (`EXISTS (SELECT ... FROM other ...)`) must see
+    /// the transaction it is evaluated for. Gives up (with a warning) after 10 s.
+    pub async fn await_visible(&self, xids: &[u32]) -> Result<(), ClassifyError> {
+        if xids.is_empty() {
+            return Ok(());
+        }
+        // A 32-bit xid becomes an xid8 in the epoch of the snapshot's xmax (or the one
+        // before, when it is above xmax's low half: it wrapped since).
+        const VISIBLE: &str = "
+            WITH s AS (SELECT pg_current_snapshot() AS s),
+                 m AS (SELECT s, pg_snapshot_xmax(s)::text::bigint AS xmax FROM s)
+            SELECT coalesce(bool_and(pg_visible_in_snapshot(
+                       (((CASE WHEN x <= (m.xmax & 4294967295) THEN m.xmax >> 32
+                               ELSE (m.xmax >> 32) - 1 END) << 32) | x)::text::xid8, m.s)), true)
+              FROM m, unnest($1::bigint[]) AS x";
+        let xids: Vec<i64> = xids.iter().map(|x| i64::from(*x)).collect();
+        let started = std::time::Instant::now();
+        loop {
+            let visible: bool = self
+                .client
+                .query_one(VISIBLE, &[&xids])
+                .await
+                .map_err(SourceError::from)?
+                .get(0);
+            if visible {
+                return Ok(());
+            }
+            if started.elapsed() > std::time::Duration::from_secs(10) {
+                tracing::warn!(
+                    ?xids,
+                    "committed transactions are still not visible after 10 s; evaluating anyway"
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
     pub fn client(&self) -> &tokio_postgres::Client {
         &self.client
     }
@@ -802,6 +842,8 @@ impl Classifier {
         let Some(evaluator) = self.evaluator.as_mut() else {
             return Err(ClassifyError::Transient("not connected".into()));
         };
+        let xids: Vec<u32> = txns.iter().map(|t| t.ctx.xid).filter(|x| *x != 0).collect();
+        evaluator.await_visible(&xids).await?;
         // Pass 1, per table: fill every image, then evaluate them all at once.
         let mut values: HashMap<(&TableName, usize, usize), Vec<Known>> = HashMap::new();
         let mut filled: HashMap<(&TableName, usize, usize), Vec<Option<String>>> = HashMap::new();

@@ -39,6 +39,8 @@ impl Subscription {
 /// What every notification of one transaction shares.
 #[derive(Debug, Clone)]
 pub struct TxnContext {
+    /// The transaction's id (0: none, e.g. a recheck).
+    pub xid: u32,
     /// The commit LSN (Begin's final LSN): the first half of every notification key.
     pub lsn: u64,
     pub lsn_text: String,
@@ -176,6 +178,7 @@ mod tests {
 
     fn ctx() -> TxnContext {
         TxnContext {
+            xid: 0,
             lsn: 0x100,
             lsn_text: "0/100".into(),
             committed_at: "2026-01-01T00:00:00Z".into(),
