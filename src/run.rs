@@ -156,6 +156,8 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
     let (rescan_tx, rescan_rx) = watch::channel(0u64);
     let http = build_client()
         .map_err(|e| RunError::Config(format!("cannot set up the HTTP client: {e}")))?;
+    let delivery = crate::deliver::runtime()
+        .map_err(|e| RunError::Config(format!("cannot start the delivery threads: {e}")))?;
     let mut queues = Vec::new();
     for webhook in &config.webhooks {
         let queue = Queue::new(
@@ -164,8 +166,9 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
             log.clone(),
             durable_rx.clone(),
             rescan_rx.clone(),
+            tokio::runtime::Handle::current(),
         );
-        queues.push(tokio::spawn(queue.run(stop_queues.clone())));
+        queues.push(delivery.spawn(queue.run(stop_queues.clone())));
     }
     let pruner = tokio::spawn(prune(log.clone(), config.retention, stop_queues.clone()));
     // Bound before streaming starts, so a `deliveries` call never finds it missing.
@@ -221,6 +224,7 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
             tracing::error!(error = %e, "delivery queue panicked");
         }
     }
+    drop(delivery);
     pruner.abort();
     if let Some(control) = control {
         let _ = control.await;

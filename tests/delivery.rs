@@ -492,6 +492,59 @@ async fn consecutive_requests_reuse_one_connection() {
     );
 }
 
+/// The name and nice value of each of `pid`'s threads (the main thread first), from `/proc`.
+fn thread_priorities(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("read /proc task dir") {
+        let stat = std::fs::read_to_string(task.expect("task entry").path().join("stat"))
+            .unwrap_or_default();
+        // pid (comm) state ...: fields after the comm's closing parenthesis; nice is the 19th
+        // field of the line, the 17th after the comm.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let name = head.split_once(" (").map_or("", |(_, n)| n).to_string();
+        let nice = rest.split(' ').nth(16).and_then(|n| n.parse().ok());
+        let main = head.split_once(" (").is_some_and(|(tid, _)| tid == pid.to_string());
+        match nice {
+            Some(nice) if main => out.insert(0, (name, nice)),
+            Some(nice) => out.push((name, nice)),
+            None => {}
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_runs_at_a_lower_cpu_priority_than_the_stream() {
+    let s = Scenario::new(ORDERS, &config(&[webhook("crm", "/hooks/crm", "")])).await;
+    let walhook = s.start_walhook().await;
+    s.pg.exec("INSERT INTO orders VALUES (1, 0)").await;
+    s.receiver.wait_for_count(1, WAIT).await;
+    let threads = thread_priorities(walhook.pid());
+    // Relative to the priority walhook was started with (the main thread runs the stream).
+    let base = threads[0].1;
+    let delivery: Vec<_> = threads
+        .iter()
+        .filter(|(name, _)| name.starts_with("walhook-deliver"))
+        .collect();
+    assert!(!delivery.is_empty(), "no delivery threads in {threads:?}");
+    assert!(
+        delivery.iter().all(|(_, nice)| *nice == (base + 10).min(19)),
+        "delivery threads not 10 below the stream: {threads:?}"
+    );
+    // The runtime that writes the log and sled's I/O threads keep the stream's priority.
+    let others: Vec<_> = threads
+        .iter()
+        .filter(|(name, _)| !name.starts_with("walhook-deliver"))
+        .collect();
+    assert!(
+        others.iter().any(|(name, _)| name.starts_with("sled-io")),
+        "{threads:?}"
+    );
+    assert!(others.iter().all(|(_, nice)| *nice == base), "{threads:?}");
+}
+
 /// Delivers one notification, stops walhook, waits past a 1 s retention, starts and stops
 /// walhook again (pruning runs at start); returns the id and `show`'s answers before and after.
 async fn deliver_and_restart(s: &Scenario, wait_for_prune: bool) -> (String, Value, Option<Value>) {

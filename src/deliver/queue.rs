@@ -29,6 +29,13 @@ use crate::log::{now_ms, AfterAttempt, Attempt, Log, LogError, NotificationKey, 
 /// How many notifications one webhook keeps in memory at most, besides those in flight.
 const MIN_WINDOW: usize = 256;
 
+/// Finished attempts are written to the log together (sled forces two disk writes around
+/// every batch, which at thousands of deliveries a second cost more than the HTTP requests):
+/// at most this long after the first of them finished, ...
+const RECORD_DELAY: Duration = Duration::from_millis(10);
+/// ... or as soon as this many are waiting, and always before the queue reads the log again.
+const RECORD_BATCH: usize = 256;
+
 /// Where a notification sorts in the window: by due time, or by commit order when ordered.
 type Slot = (u64, NotificationKey);
 
@@ -63,6 +70,15 @@ pub struct Queue {
     in_flight_keys: HashSet<NotificationKey>,
     /// The earliest due time of retries evicted from a full window: a rescan brings them back.
     evicted_due: Option<u64>,
+    /// Finished attempts not yet written to the log, and when the first of them finished.
+    /// Their consequences already hold in memory; a crash before they are written only
+    /// means the notification is sent again (same webhook-id) after restart.
+    unrecorded: Vec<(NotificationKey, Attempt, AfterAttempt)>,
+    unrecorded_since: Option<tokio::time::Instant>,
+    /// Where attempt records are written: the main runtime, not the delivery runtime this
+    /// queue runs on (see `run.rs`), so that a sled I/O thread started by a write never
+    /// inherits the delivery threads' lower CPU priority.
+    writer: tokio::runtime::Handle,
 }
 
 impl Queue {
@@ -72,6 +88,7 @@ impl Queue {
         log: Log,
         durable: watch::Receiver<Position>,
         rescan: watch::Receiver<u64>,
+        writer: tokio::runtime::Handle,
     ) -> Queue {
         let endpoint = Arc::new(Endpoint::new(
             client,
@@ -92,6 +109,9 @@ impl Queue {
             rescanning: true,
             in_flight_keys: HashSet::new(),
             evicted_due: None,
+            unrecorded: Vec::new(),
+            unrecorded_since: None,
+            writer,
         }
     }
 
@@ -113,13 +133,20 @@ impl Queue {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let (done_tx, mut done_rx) = mpsc::channel::<Finished>(self.webhook.max_in_flight.max(1));
         loop {
-            if let Err(e) = self.refill().and_then(|()| self.dispatch(&done_tx)) {
+            let ready = match self.refill().await {
+                Ok(()) => self.dispatch(&done_tx),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = ready {
                 if !self.pause_after(e, &mut stop).await {
                     break;
                 }
                 continue;
             }
             let wake = self.next_wake();
+            let record_at = self.unrecorded_since.map(|since| since + RECORD_DELAY);
+            let recording = record_at.is_some();
+            let record_at = record_at.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 // An attempt finished: record it and decide what comes next.
                 Some(finished) = done_rx.recv() => {
@@ -127,7 +154,15 @@ impl Queue {
                     while let Ok(more) = done_rx.try_recv() {
                         all.push(more);
                     }
-                    if let Err(e) = self.finish(all) {
+                    if let Err(e) = self.finish(all).await {
+                        if !self.pause_after(e, &mut stop).await {
+                            break;
+                        }
+                    }
+                }
+                // The first of the waiting attempt records has waited long enough.
+                _ = tokio::time::sleep_until(record_at), if recording => {
+                    if let Err(e) = self.write_records().await {
                         if !self.pause_after(e, &mut stop).await {
                             break;
                         }
@@ -161,12 +196,15 @@ impl Queue {
         while self.in_flight > 0 {
             tokio::select! {
                 Some(finished) = done_rx.recv() => {
-                    if let Err(e) = self.finish(vec![finished]) {
+                    if let Err(e) = self.finish(vec![finished]).await {
                         tracing::error!(hook = %self.webhook.id, error = %e, "recording an attempt failed");
                     }
                 }
                 _ = &mut deadline => break,
             }
+        }
+        if let Err(e) = self.write_records().await {
+            tracing::error!(hook = %self.webhook.id, error = %e, "recording attempts failed");
         }
     }
 
@@ -189,7 +227,7 @@ impl Queue {
         self.evicted_due = None;
     }
 
-    fn refill(&mut self) -> Result<(), LogError> {
+    async fn refill(&mut self) -> Result<(), LogError> {
         let capacity = self.capacity();
         let mut room = capacity.saturating_sub(self.window.len() + self.in_flight);
         if room < capacity / 2 && !self.webhook.ordered {
@@ -200,6 +238,9 @@ impl Queue {
         if room < capacity / 2 {
             return Ok(());
         }
+        // What the log says of a notification must include every finished attempt, or a
+        // rescan would send a delivered notification again.
+        self.write_records().await?;
         let up_to = self.durable.borrow().commit_lsn;
         let page = self
             .log
@@ -284,8 +325,37 @@ impl Queue {
         Ok(())
     }
 
-    /// Records finished attempts (one log batch for all of them) and schedules what follows.
-    fn finish(&mut self, finished: Vec<Finished>) -> Result<(), LogError> {
+    /// Writes the waiting attempt records to the log, in one batch, on the writer runtime
+    /// (kept until written: a failed write is tried again).
+    async fn write_records(&mut self) -> Result<(), LogError> {
+        if !self.unrecorded.is_empty() {
+            let log = self.log.clone();
+            let records = std::mem::take(&mut self.unrecorded);
+            let written = self
+                .writer
+                .spawn(async move {
+                    let result = log.record_attempts(&records);
+                    (result, records)
+                })
+                .await;
+            match written {
+                Ok((Ok(()), _)) => {}
+                Ok((Err(e), records)) => {
+                    self.unrecorded = records;
+                    return Err(e);
+                }
+                // The write panicked: the records are gone; the notifications are sent
+                // again after a restart, or when the queue reads the log afresh.
+                Err(e) => return Err(LogError::Sync(std::io::Error::other(e))),
+            }
+        }
+        self.unrecorded_since = None;
+        Ok(())
+    }
+
+    /// Takes finished attempts: schedules what follows each at once, and records them in the
+    /// log with the others waiting (see [`RECORD_DELAY`]).
+    async fn finish(&mut self, finished: Vec<Finished>) -> Result<(), LogError> {
         let now = now_ms();
         let mut records = Vec::with_capacity(finished.len());
         for f in &finished {
@@ -316,9 +386,14 @@ impl Queue {
             };
             records.push((f.key.clone(), record, after));
         }
-        self.log.record_attempts(&records)?;
-        for (f, (_, _, after)) in finished.into_iter().zip(records) {
-            self.after_attempt(f, after, now);
+        for (f, (_, _, after)) in finished.into_iter().zip(&records) {
+            self.after_attempt(f, *after, now);
+        }
+        self.unrecorded.extend(records);
+        self.unrecorded_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        if self.unrecorded.len() >= RECORD_BATCH {
+            self.write_records().await?;
         }
         Ok(())
     }
