@@ -7,9 +7,9 @@
 //! commit order:
 //!
 //! ```text
-//! b'n' hook \0 lsn ordinal            → notification body (the exact HTTP body; never changes)
-//! b'p' hook \0 lsn ordinal            → Status: pending or dead, attempts so far, next due time
-//! b'd' hook \0 lsn ordinal            → delivered at (ms since the Unix epoch)
+//! b'p' hook \0 lsn ordinal            → pending or dead: Status (attempts so far, next due
+//!                                        time), then the body (the exact HTTP body)
+//! b'd' hook \0 lsn ordinal            → delivered: at (ms since the Unix epoch), then the body
 //! b'a' hook \0 lsn ordinal attempt    → Attempt record
 //! b'm' "position"                     → commit LSN and end LSN of the last logged transaction
 //! b'm' "origin", "recheck", "applying", "spilling" → the database and slot; recheck
@@ -19,11 +19,18 @@
 //!                                        (see `crate::derive::classification`)
 //! ```
 //!
+//! One entry per notification, moved from `p` to `d` when delivered: each sled entry costs
+//! a tree insert, and at thousands of notifications a second these inserts are most of the
+//! stream's work. (The first layout kept the body apart under `b'n'`; [`Log::open`]
+//! converts it.) A `p` value is a 4-byte big-endian length, that many bytes of Status JSON,
+//! then the body; a `d` value is 8 bytes of big-endian milliseconds, then the body.
+//!
 //! Progress invariant: the position key is written in the same batch as the last
 //! notifications of its transaction, and the replication slot is acknowledged only after a
 //! flush that covers that batch. A key is therefore a pure function of the WAL (commit LSN,
 //! ordinal), so replaying a transaction writes the same keys again.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
@@ -31,6 +38,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+/// The first layout's separate bodies (converted at open).
 const NOTIFICATION: u8 = b'n';
 const PENDING: u8 = b'p';
 const DELIVERED: u8 = b'd';
@@ -254,12 +262,54 @@ impl Log {
                 dir: shown.clone(),
                 source: sled::Error::Io(source),
             })?;
-        Ok(Log {
+        let log = Log {
             db,
             tree,
             file: Arc::new(file),
             status: Arc::new(std::sync::Mutex::new(())),
-        })
+        };
+        log.convert_first_layout()?;
+        Ok(log)
+    }
+
+    /// Moves the bodies of the first layout (`b'n'` entries) into their `p` or `d` entry, a
+    /// page at a time, each page one atomic batch: a crash resumes where it stopped (an `n`
+    /// entry left means its `p` or `d` entry is still in the first layout).
+    fn convert_first_layout(&self) -> Result<(), LogError> {
+        let mut converted = 0usize;
+        loop {
+            let page = self
+                .tree
+                .scan_prefix([NOTIFICATION])
+                .take(BULK_CHUNK)
+                .collect::<Result<Vec<_>, _>>()?;
+            if page.is_empty() {
+                break;
+            }
+            let mut batch = sled::Batch::default();
+            for (key, body) in &page {
+                let nkey = decode_key(key)?;
+                let pending_key = nkey.encode(PENDING);
+                let delivered_key = nkey.encode(DELIVERED);
+                if let Some(status) = self.tree.get(&pending_key)? {
+                    batch.insert(pending_key, pending_value(&status, body));
+                } else if let Some(at) = self.tree.get(&delivered_key)? {
+                    batch.insert(delivered_key, delivered_value(decode_ms(&at), body));
+                }
+                // Neither: left over from a transaction cut short, never deliverable.
+                batch.remove(key);
+            }
+            self.tree.apply_batch(batch)?;
+            reclaim(2 * page.len());
+            converted += page.len();
+        }
+        if converted > 0 {
+            tracing::info!(
+                notifications = converted,
+                "delivery log converted to one entry per notification"
+            );
+        }
+        Ok(())
     }
 
     /// The last transaction the log holds completely, if any.
@@ -313,16 +363,15 @@ impl Log {
         };
         let status = encode_json(&status);
         for n in notifications {
-            batch.insert(n.key.encode(NOTIFICATION), n.body.as_slice());
             // No delivered record can exist for this key: delivery reads only transactions
             // up to the logged position, and a restart skips every one of those.
-            batch.insert(n.key.encode(PENDING), status.as_slice());
+            batch.insert(n.key.encode(PENDING), pending_value(&status, &n.body));
         }
         if let Some(position) = position {
             batch.insert(POSITION, encode_json(&position));
         }
         self.tree.apply_batch(batch)?;
-        reclaim(state.len() + 2 * notifications.len());
+        reclaim(state.len() + notifications.len());
         Ok(())
     }
 
@@ -341,12 +390,10 @@ impl Log {
         };
         let mut batch = sled::Batch::default();
         let mut any = false;
-        for kind in [NOTIFICATION, PENDING] {
-            for entry in self.tree.range(start.encode(kind)..=end.encode(kind)) {
-                let (key, _) = entry?;
-                batch.remove(key);
-                any = true;
-            }
+        for entry in self.tree.range(start.encode(PENDING)..=end.encode(PENDING)) {
+            let (key, _) = entry?;
+            batch.remove(key);
+            any = true;
         }
         if any {
             self.tree.apply_batch(batch)?;
@@ -472,7 +519,7 @@ impl Log {
         let mut out = Pending::default();
         for entry in self.tree.range(start..=end) {
             let (key, value) = entry?;
-            let status: Status = decode_json(&key, &value)?;
+            let (status, _) = decode_pending(&key, &value)?;
             let nkey = decode_key(&key)?;
             // Dead entries move the scan on too, so they are not read again on every pass.
             out.scanned_to = Some(nkey.clone());
@@ -489,7 +536,14 @@ impl Log {
 
     /// The body of a notification.
     pub fn body(&self, key: &NotificationKey) -> Result<Option<Vec<u8>>, LogError> {
-        Ok(self.tree.get(key.encode(NOTIFICATION))?.map(|v| v.to_vec()))
+        let pending_key = key.encode(PENDING);
+        if let Some(value) = self.tree.get(&pending_key)? {
+            return Ok(Some(decode_pending(&pending_key, &value)?.1.to_vec()));
+        }
+        Ok(self
+            .tree
+            .get(key.encode(DELIVERED))?
+            .map(|value| value.get(8..).unwrap_or_default().to_vec()))
     }
 
     /// Records an attempt and its consequence.
@@ -503,42 +557,56 @@ impl Log {
     }
 
     /// Records several attempts and their consequences in one batch (sled forces disk writes
-    /// around every batch, so finished attempts are recorded together).
+    /// around every batch, so finished attempts are recorded together). Attempts of the
+    /// same notification apply in order: a failure then a quick retry's success may share a
+    /// batch.
     pub fn record_attempts(
         &self,
         outcomes: &[(NotificationKey, Attempt, AfterAttempt)],
     ) -> Result<(), LogError> {
         let _status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         let mut batch = sled::Batch::default();
+        // Pending entries as this batch leaves them (None: moved to delivered).
+        let mut pending: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
         for (key, attempt, after) in outcomes {
             batch.insert(key.attempt_key(attempt.number), encode_json(attempt));
             let pending_key = key.encode(PENDING);
+            let value = match pending.get(&pending_key) {
+                Some(value) => value.clone(),
+                None => self.tree.get(&pending_key)?.map(|v| v.to_vec()),
+            };
+            let Some(value) = value else {
+                // Not pending (delivered by an earlier round, or cut short): keep the
+                // attempt record only.
+                continue;
+            };
             if let AfterAttempt::Delivered = after {
                 // Whatever its status was (even one a redelivery just set), it is delivered
-                // now; no need to read it. (Pruning removes only delivered notifications,
-                // so an attempted one is never pruned under it.)
-                batch.remove(pending_key);
-                batch.insert(key.encode(DELIVERED), &attempt.at_ms.to_be_bytes());
+                // now: only the body moves on, the status need not even be decoded.
+                // (Pruning removes only delivered notifications, so an attempted one is
+                // never pruned under it.)
+                let (_, body) = split_pending(&pending_key, &value)?;
+                batch.insert(key.encode(DELIVERED), delivered_value(attempt.at_ms, body));
+                pending.insert(pending_key, None);
                 continue;
             }
-            let mut status: Status = match self.tree.get(&pending_key)? {
-                Some(value) => decode_json(&pending_key, &value)?,
-                // Pruned or redelivered concurrently: keep the attempt record only.
-                None => continue,
-            };
+            let (mut status, body) = decode_pending(&pending_key, &value)?;
             status.attempts = status.attempts.max(attempt.number);
+            status.round_failures += 1;
             match after {
                 AfterAttempt::Delivered => {}
-                AfterAttempt::RetryAt { next_at_ms } => {
-                    status.round_failures += 1;
-                    status.next_at_ms = *next_at_ms;
-                    batch.insert(pending_key, encode_json(&status));
-                }
-                AfterAttempt::Dead => {
-                    status.round_failures += 1;
-                    status.dead = true;
-                    batch.insert(pending_key, encode_json(&status));
-                }
+                AfterAttempt::RetryAt { next_at_ms } => status.next_at_ms = *next_at_ms,
+                AfterAttempt::Dead => status.dead = true,
+            }
+            pending.insert(
+                pending_key,
+                Some(pending_value(&encode_json(&status), body)),
+            );
+        }
+        for (key, value) in pending {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
             }
         }
         self.tree.apply_batch(batch)?;
@@ -552,7 +620,7 @@ impl Log {
         let mut out = Undelivered::default();
         for entry in self.tree.scan_prefix([PENDING]) {
             let (key, value) = entry?;
-            let status: Status = decode_json(&key, &value)?;
+            let (status, _) = decode_pending(&key, &value)?;
             out.total += 1;
             if status.dead {
                 out.dead += 1;
@@ -566,21 +634,21 @@ impl Log {
 
     /// One notification with its state and attempts.
     pub fn detail(&self, key: &NotificationKey) -> Result<Option<Detail>, LogError> {
-        let Some(body) = self.body(key)? else {
-            return Ok(None);
-        };
         let pending_key = key.encode(PENDING);
-        let state = if let Some(value) = self.tree.get(&pending_key)? {
-            let status: Status = decode_json(&pending_key, &value)?;
+        let (state, body) = if let Some(value) = self.tree.get(&pending_key)? {
+            let (status, body) = decode_pending(&pending_key, &value)?;
+            let body = body.to_vec();
             if status.dead {
-                State::Dead(status)
+                (State::Dead(status), body)
             } else {
-                State::Pending(status)
+                (State::Pending(status), body)
             }
         } else if let Some(value) = self.tree.get(key.encode(DELIVERED))? {
-            State::Delivered {
-                at_ms: decode_ms(&value),
-            }
+            let at_ms = decode_ms(&value);
+            (
+                State::Delivered { at_ms },
+                value.get(8..).unwrap_or_default().to_vec(),
+            )
         } else {
             return Ok(None);
         };
@@ -619,7 +687,10 @@ impl Log {
             created_ms,
         };
         let mut batch = sled::Batch::default();
-        batch.insert(key.encode(PENDING), encode_json(&status));
+        batch.insert(
+            key.encode(PENDING),
+            pending_value(&encode_json(&status), &detail.body),
+        );
         batch.remove(key.encode(DELIVERED));
         self.tree.apply_batch(batch)?;
         Ok(true)
@@ -630,7 +701,7 @@ impl Log {
         let mut dead = Vec::new();
         for entry in self.tree.scan_prefix([PENDING]) {
             let (key, value) = entry?;
-            let status: Status = decode_json(&key, &value)?;
+            let (status, _) = decode_pending(&key, &value)?;
             if status.dead {
                 dead.push(decode_key(&key)?);
             }
@@ -652,7 +723,6 @@ impl Log {
                 continue;
             }
             let nkey = decode_key(&key)?;
-            batch.remove(nkey.encode(NOTIFICATION));
             for attempt in self.tree.scan_prefix(nkey.encode(ATTEMPT)) {
                 batch.remove(attempt?.0);
             }
@@ -660,11 +730,11 @@ impl Log {
             pruned += 1;
             if pruned % 1000 == 0 {
                 self.tree.apply_batch(std::mem::take(&mut batch))?;
-                reclaim(3000);
+                reclaim(2000);
             }
         }
         self.tree.apply_batch(batch)?;
-        reclaim(3 * (pruned % 1000));
+        reclaim(2 * (pruned % 1000));
         Ok(pruned)
     }
 
@@ -695,11 +765,14 @@ impl Log {
         for entry in self.tree.iter() {
             let (key, value) = entry?;
             match key.first() {
-                Some(&NOTIFICATION) => counts.notifications += 1,
-                Some(&DELIVERED) => counts.delivered += 1,
+                Some(&DELIVERED) => {
+                    counts.notifications += 1;
+                    counts.delivered += 1;
+                }
                 Some(&ATTEMPT) => counts.attempts += 1,
                 Some(&PENDING) => {
-                    let status: Status = decode_json(&key, &value)?;
+                    counts.notifications += 1;
+                    let (status, _) = decode_pending(&key, &value)?;
                     if status.dead {
                         counts.dead += 1
                     } else {
@@ -776,6 +849,44 @@ fn decode_ms(value: &[u8]) -> u64 {
         .and_then(|b| b.try_into().ok())
         .map(u64::from_be_bytes)
         .unwrap_or(0)
+}
+
+/// A `p` value: the Status JSON's length (4 bytes, big-endian), the JSON, the body.
+fn pending_value(status_json: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(4 + status_json.len() + body.len());
+    value.extend_from_slice(&(status_json.len() as u32).to_be_bytes());
+    value.extend_from_slice(status_json);
+    value.extend_from_slice(body);
+    value
+}
+
+/// The Status JSON and the body of a `p` value.
+fn split_pending<'a>(key: &[u8], value: &'a [u8]) -> Result<(&'a [u8], &'a [u8]), LogError> {
+    let corrupt = || LogError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: "pending entry shorter than its header says".into(),
+    };
+    let len = value
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(corrupt)? as usize;
+    let json = value.get(4..4 + len).ok_or_else(corrupt)?;
+    Ok((json, &value[4 + len..]))
+}
+
+/// The Status and the body of a `p` value.
+fn decode_pending<'a>(key: &[u8], value: &'a [u8]) -> Result<(Status, &'a [u8]), LogError> {
+    let (json, body) = split_pending(key, value)?;
+    Ok((decode_json(key, json)?, body))
+}
+
+/// A `d` value: when it was delivered (8 bytes, big-endian ms), the body.
+fn delivered_value(at_ms: u64, body: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(8 + body.len());
+    value.extend_from_slice(&at_ms.to_be_bytes());
+    value.extend_from_slice(body);
+    value
 }
 
 fn encode_json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -917,6 +1028,115 @@ mod tests {
             2
         );
         assert!(!log.redeliver(&key("h", 9, 9), 60).expect("missing"));
+    }
+
+    #[test]
+    fn attempts_of_one_notification_in_one_batch_apply_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path()).expect("open");
+        log.append(&[note("h", 1, 0), note("h", 2, 0)], None, 0)
+            .expect("append");
+        let (k1, k2) = (key("h", 1, 0), key("h", 2, 0));
+        log.record_attempts(&[
+            (
+                k1.clone(),
+                attempt(1, 500),
+                AfterAttempt::RetryAt { next_at_ms: 7 },
+            ),
+            (
+                k2.clone(),
+                attempt(1, 500),
+                AfterAttempt::RetryAt { next_at_ms: 7 },
+            ),
+            (k1.clone(), attempt(2, 200), AfterAttempt::Delivered),
+            (
+                k2.clone(),
+                attempt(2, 503),
+                AfterAttempt::RetryAt { next_at_ms: 9 },
+            ),
+        ])
+        .expect("record");
+        let d1 = log.detail(&k1).expect("detail").expect("exists");
+        assert!(matches!(d1.state, State::Delivered { at_ms: 1002 }));
+        assert_eq!(d1.body, note("h", 1, 0).body);
+        assert_eq!(d1.attempts.len(), 2);
+        let d2 = log.detail(&k2).expect("detail").expect("exists");
+        assert!(
+            matches!(d2.state, State::Pending(ref s) if s.attempts == 2 && s.round_failures == 2 && s.next_at_ms == 9),
+            "{:?}",
+            d2.state
+        );
+        assert_eq!(d2.body, note("h", 2, 0).body);
+    }
+
+    #[test]
+    fn the_first_layout_converts_at_open_keeping_bodies_and_states() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = |dead: bool, attempts: u32| Status {
+            attempts,
+            round_failures: attempts,
+            next_at_ms: 42,
+            dead,
+            created_ms: 5,
+        };
+        // 300 notifications (more than one conversion page): pending, dead or delivered.
+        {
+            let log = Log::open(dir.path()).expect("open");
+            let mut entries = Vec::new();
+            for i in 0..300u32 {
+                let n = note("h", 10 + i as u64, 0);
+                entries.push((n.key.encode(NOTIFICATION), Some(n.body.clone())));
+                let value = match i % 3 {
+                    0 => (n.key.encode(PENDING), encode_json(&status(false, 0))),
+                    1 => (n.key.encode(PENDING), encode_json(&status(true, 3))),
+                    _ => (
+                        n.key.encode(DELIVERED),
+                        (900 + i as u64).to_be_bytes().to_vec(),
+                    ),
+                };
+                entries.push((value.0, Some(value.1)));
+            }
+            // A body whose transaction was cut short: no state at all.
+            entries.push((key("h", 1, 9).encode(NOTIFICATION), Some(b"{}".to_vec())));
+            log.write_bulk(&entries).expect("first layout");
+        }
+        let log = Log::open(dir.path()).expect("reopen converts");
+        assert!(log
+            .scan_raw(&[NOTIFICATION], &[NOTIFICATION], 1)
+            .expect("scan")
+            .is_empty());
+        for i in 0..300u32 {
+            let n = note("h", 10 + i as u64, 0);
+            let d = log.detail(&n.key).expect("detail").expect("kept");
+            assert_eq!(d.body, n.body, "body of {}", n.key);
+            match i % 3 {
+                0 => assert_eq!(d.state, State::Pending(status(false, 0))),
+                1 => assert_eq!(d.state, State::Dead(status(true, 3))),
+                _ => assert_eq!(
+                    d.state,
+                    State::Delivered {
+                        at_ms: 900 + i as u64
+                    }
+                ),
+            }
+        }
+        let counts = log.counts().expect("counts");
+        assert_eq!(
+            (
+                counts.notifications,
+                counts.pending,
+                counts.dead,
+                counts.delivered
+            ),
+            (300, 100, 100, 100)
+        );
+        assert_eq!(
+            log.pending("h", None, u64::MAX, 1000)
+                .expect("pending")
+                .items
+                .len(),
+            100
+        );
     }
 
     #[test]
