@@ -20,4 +20,5 @@ pub mod shutdown;
 pub mod source;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 pub mod txn;

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig};
 use tokio_postgres::config::Host;
-use tokio_postgres::NoTls;
 
 use crate::config::{quote_ident, quote_literal, TableName};
 
@@ -50,7 +49,20 @@ impl From<tokio_postgres::Error> for SourceError {
                 db.code().code()
             )),
             Some(db) => SourceError::Transient(format!("PostgreSQL: {}", db.message())),
-            None => SourceError::Transient(format!("PostgreSQL connection: {}", one_line(&e))),
+            None => {
+                let text = one_line(&e);
+                // A certificate that does not check out, or a server without TLS where
+                // sslmode demands it, will not change by retrying.
+                if text.contains("invalid peer certificate")
+                    || text.contains("does not support TLS")
+                {
+                    SourceError::Definite(format!(
+                        "PostgreSQL connection: {text}; check sslmode and sslrootcert in --database-url"
+                    ))
+                } else {
+                    SourceError::Transient(format!("PostgreSQL connection: {text}"))
+                }
+            }
         }
     }
 }
@@ -72,7 +84,9 @@ impl From<PgWireError> for SourceError {
             PgWireError::Auth(message) => SourceError::Definite(format!(
                 "replication connection refused: {message}; check the user and password in --database-url"
             )),
-            PgWireError::Tls(message) => SourceError::Definite(format!("replication TLS: {message}")),
+            PgWireError::Tls(message) => SourceError::Definite(format!(
+                "replication TLS: {message}; check sslmode and sslrootcert in --database-url"
+            )),
             _ => SourceError::Transient(format!("replication: {e}")),
         }
     }
@@ -97,6 +111,8 @@ fn one_line(e: &dyn std::error::Error) -> String {
 #[derive(Clone)]
 pub struct Database {
     config: tokio_postgres::Config,
+    tls: crate::tls::Settings,
+    connector: tokio_postgres_rustls::MakeRustlsConnect,
 }
 
 impl std::fmt::Debug for Database {
@@ -108,19 +124,15 @@ impl std::fmt::Debug for Database {
 
 impl Database {
     pub fn parse(url: &str) -> Result<Database, SourceError> {
-        let config = tokio_postgres::Config::from_str(url).map_err(|e| {
+        let (url, tls) = crate::tls::split(url).map_err(SourceError::Definite)?;
+        let mut config = tokio_postgres::Config::from_str(&url).map_err(|e| {
             SourceError::Definite(format!(
                 "--database-url is not a PostgreSQL connection string ({e}); write e.g. postgresql://user:password@host:5432/dbname"
             ))
         })?;
-        if matches!(
-            config.get_ssl_mode(),
-            tokio_postgres::config::SslMode::Require
-        ) {
-            return Err(SourceError::Definite(
-                "--database-url asks for sslmode=require, but this version of walhook connects without TLS; use a local or tunnelled connection with sslmode=disable".into(),
-            ));
-        }
+        config.ssl_mode(tls.mode.for_tokio_postgres());
+        tls.check().map_err(SourceError::Definite)?;
+        let connector = tls.connector().map_err(SourceError::Definite)?;
         if config.get_user().is_none() {
             return Err(SourceError::Definite(
                 "--database-url names no user; write it in, e.g. postgresql://walhook@127.0.0.1:5432/app".into(),
@@ -132,7 +144,11 @@ impl Database {
                     .into(),
             ));
         }
-        Ok(Database { config })
+        Ok(Database {
+            config,
+            tls,
+            connector,
+        })
     }
 
     /// `user@host:port/dbname`, without the password.
@@ -175,7 +191,7 @@ impl Database {
         let mut config = self.config.clone();
         config.connect_timeout(Duration::from_secs(10));
         config.application_name("walhook");
-        let (client, connection) = config.connect(NoTls).await?;
+        let (client, connection) = config.connect(self.connector.clone()).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "SQL connection closed");
@@ -211,6 +227,7 @@ impl Database {
         // decoder (a few MB for ordinary rows).
         .with_buffer_size(4096)
         .with_application_name("walhook")
+        .with_tls(self.tls.for_replication(&self.host()))
     }
 }
 
@@ -569,6 +586,10 @@ pub async fn check_replication_connection(db: &Database) -> Option<String> {
     };
     match tokio::time::timeout(Duration::from_secs(10), attempt).await {
         Ok(Ok(_)) => None,
+        Ok(Err(PgWireError::Tls(message))) => Some(format!(
+            "a replication connection to {} failed in TLS ({message}); check sslmode and sslrootcert in --database-url",
+            db.describe()
+        )),
         Ok(Err(e)) => Some(format!(
             "a replication connection to {} is refused ({e}); max_wal_senders must leave a sender free for walhook (see sql/settings.sql)",
             db.describe()

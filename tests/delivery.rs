@@ -505,7 +505,9 @@ fn thread_priorities(pid: u32) -> Vec<(String, i64)> {
         };
         let name = head.split_once(" (").map_or("", |(_, n)| n).to_string();
         let nice = rest.split(' ').nth(16).and_then(|n| n.parse().ok());
-        let main = head.split_once(" (").is_some_and(|(tid, _)| tid == pid.to_string());
+        let main = head
+            .split_once(" (")
+            .is_some_and(|(tid, _)| tid == pid.to_string());
         match nice {
             Some(nice) if main => out.insert(0, (name, nice)),
             Some(nice) => out.push((name, nice)),
@@ -530,7 +532,9 @@ async fn delivery_runs_at_a_lower_cpu_priority_than_the_stream() {
         .collect();
     assert!(!delivery.is_empty(), "no delivery threads in {threads:?}");
     assert!(
-        delivery.iter().all(|(_, nice)| *nice == (base + 10).min(19)),
+        delivery
+            .iter()
+            .all(|(_, nice)| *nice == (base + 10).min(19)),
         "delivery threads not 10 below the stream: {threads:?}"
     );
     // The runtime that writes the log and sled's I/O threads keep the stream's priority.

@@ -11,4 +11,5 @@ mod mutations;
 mod relation_differential;
 mod relations;
 mod support;
+mod tls;
 mod transitions;

@@ -5,6 +5,7 @@
 //!   data/             PGDATA, a copy of a template made by one `initdb` per installation
 //!     harness.conf    wal_level=logical, port, socket dir... (included by postgresql.conf)
 //!   postgres.log      server log, see `PgCluster::log_contents`
+//!   tls/              only for `PgCluster::start_with_ssl`: CA, server certificate and key
 //! ```
 //!
 //! `initdb` costs more than the rest of a cluster start put together, so it runs once: its
@@ -40,35 +41,80 @@ pub struct PgCluster {
     install: &'static Install,
     /// Connection reused by `exec`; emptied on restart so that no caller gets a dead one.
     cached: Mutex<Option<Client>>,
+    /// Set for a cluster started with `start_with_ssl`.
+    ssl: Option<SslFiles>,
 }
+
+/// The certificates of a cluster started with [`PgCluster::start_with_ssl`], all PEM, in
+/// `<cluster dir>/tls/` (owned by the server's user; the key is mode 0600). Made by the
+/// `openssl` CLI with P-256 keys, valid for two days.
+#[derive(Debug, Clone)]
+pub struct SslFiles {
+    /// The CA that signed the server certificate: the right `sslrootcert`.
+    pub ca_cert: PathBuf,
+    /// A second, unrelated CA (signed nothing the server presents): a wrong `sslrootcert`.
+    pub other_ca_cert: PathBuf,
+    /// The server certificate (`ssl_cert_file`), with the subjectAltNames asked for.
+    pub server_cert: PathBuf,
+    /// The server key (`ssl_key_file`).
+    pub server_key: PathBuf,
+}
+
+/// The subjectAltNames of the server certificate made by [`PgCluster::start_with_ssl`].
+pub const DEFAULT_SANS: &str = "IP:127.0.0.1,DNS:localhost";
 
 impl PgCluster {
     /// Starts a cluster from the shared `initdb` template. Panics with the server log when
     /// the cluster cannot start.
     pub fn start() -> PgCluster {
         let install = Install::get();
-        Self::start_with(install, |data| copy_dir(template(install), data))
+        Self::start_with(install, |data| copy_dir(template(install), data), None)
+    }
+
+    /// Like [`start`](Self::start), with `ssl = on` and a server certificate for
+    /// [`DEFAULT_SANS`] signed by a throwaway CA (see [`ssl`](Self::ssl)). Also sets
+    /// `log_connections = on`, so the server log says of every connection whether it used
+    /// SSL. `pg_hba.conf` is initdb's: its `host` lines accept SSL and plain connections.
+    pub fn start_with_ssl() -> PgCluster {
+        Self::start_with_ssl_sans(DEFAULT_SANS)
+    }
+
+    /// [`start_with_ssl`](Self::start_with_ssl) with a server certificate whose
+    /// subjectAltName is `sans` (openssl syntax, e.g. `"DNS:localhost"`).
+    pub fn start_with_ssl_sans(sans: &str) -> PgCluster {
+        let install = Install::get();
+        Self::start_with(
+            install,
+            |data| copy_dir(template(install), data),
+            Some(sans),
+        )
     }
 
     /// Starts a cluster from its own `initdb` (slower): for tests that need a database system
     /// identifier no other cluster has.
     pub fn start_fresh() -> PgCluster {
         let install = Install::get();
-        Self::start_with(install, |data| install.initdb(data))
+        Self::start_with(install, |data| install.initdb(data), None)
     }
 
-    fn start_with(install: &'static Install, make_data_dir: impl FnOnce(&Path)) -> PgCluster {
+    fn start_with(
+        install: &'static Install,
+        make_data_dir: impl FnOnce(&Path),
+        ssl_sans: Option<&str>,
+    ) -> PgCluster {
         let dir = tempfile::Builder::new()
             .prefix("walhook-pg-")
             .tempdir()
             .expect("create the cluster's temp dir");
         install.give_to_server_user(dir.path());
         make_data_dir(&dir.path().join("data"));
+        let ssl = ssl_sans.map(|sans| make_ssl_files(install, &dir.path().join("tls"), sans));
         let mut cluster = PgCluster {
             dir,
             port: 0,
             install,
             cached: Mutex::new(None),
+            ssl,
         };
         for attempt in 1..=START_ATTEMPTS {
             cluster.port = free_port();
@@ -95,6 +141,19 @@ impl PgCluster {
     /// `postgresql://postgres@127.0.0.1:PORT/postgres`
     pub fn url(&self) -> String {
         format!("postgresql://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// [`url`](Self::url) with a query string, e.g. `url_with("sslmode=require")`.
+    pub fn url_with(&self, query: &str) -> String {
+        format!("{}?{query}", self.url())
+    }
+
+    /// The certificates of a cluster started with [`start_with_ssl`](Self::start_with_ssl);
+    /// panics for a cluster without SSL.
+    pub fn ssl(&self) -> &SslFiles {
+        self.ssl
+            .as_ref()
+            .expect("this cluster was not started with start_with_ssl")
     }
 
     pub fn port(&self) -> u16 {
@@ -209,7 +268,7 @@ impl PgCluster {
     /// `start_again` and `restart` keeps them, port included.
     fn write_settings(&self) {
         let socket_dir = self.dir.path().display();
-        let settings = format!(
+        let mut settings = format!(
             "# Written by the walhook test harness for this cluster.\n\
              wal_level = logical\n\
              max_replication_slots = 20\n\
@@ -223,6 +282,16 @@ impl PgCluster {
              log_replication_commands = on\n",
             port = self.port,
         );
+        if let Some(ssl) = &self.ssl {
+            settings.push_str(&format!(
+                "ssl = on\n\
+                 ssl_cert_file = '{cert}'\n\
+                 ssl_key_file = '{key}'\n\
+                 log_connections = on\n",
+                cert = ssl.server_cert.display(),
+                key = ssl.server_key.display(),
+            ));
+        }
         let path = self.data_dir().join("harness.conf");
         fs::write(&path, settings).expect("write harness.conf");
         self.install.give_to_server_user(&path);
@@ -421,6 +490,128 @@ fn template(install: &'static Install) -> &'static Path {
         }
         template
     })
+}
+
+/// The OpenSSL config `make_ssl_files` signs with: a CA profile and a server profile.
+const OPENSSL_CONF: &str = "\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = unused
+[ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid,issuer
+subjectAltName = ${ENV::WALHOOK_TEST_SANS}
+";
+
+/// Makes `dir` with two CAs and a server certificate for `sans` signed by the first, using
+/// the `openssl` CLI; everything is given to the server's user, the server key mode 0600.
+fn make_ssl_files(install: &Install, dir: &Path, sans: &str) -> SslFiles {
+    use std::os::unix::fs::PermissionsExt;
+
+    fs::create_dir(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    let conf = dir.join("openssl.cnf");
+    fs::write(&conf, OPENSSL_CONF).expect("write openssl.cnf");
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .env("OPENSSL_CONF", &conf)
+            .env("WALHOOK_TEST_SANS", sans)
+            .output()
+            .expect("run openssl (is the openssl CLI installed?)");
+        if !out.status.success() {
+            panic!("openssl {args:?} failed:\n{}", describe(&out));
+        }
+    };
+    let key = |name: &str| {
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            name,
+        ])
+    };
+    let ca = |name: &str, subject: &str| {
+        key(&format!("{name}.key"));
+        openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-config",
+            "openssl.cnf",
+            "-extensions",
+            "ca",
+            "-key",
+            &format!("{name}.key"),
+            "-subj",
+            subject,
+            "-days",
+            "2",
+            "-out",
+            &format!("{name}.crt"),
+        ]);
+    };
+    ca("ca", "/CN=walhook test CA");
+    ca("other-ca", "/CN=walhook unrelated test CA");
+    key("server.key");
+    openssl(&[
+        "req",
+        "-new",
+        "-config",
+        "openssl.cnf",
+        "-key",
+        "server.key",
+        "-subj",
+        "/CN=walhook test server",
+        "-out",
+        "server.csr",
+    ]);
+    let serial = format!("0x{:016x}", fastrand::u64(1..));
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-set_serial",
+        &serial,
+        "-days",
+        "2",
+        "-extfile",
+        "openssl.cnf",
+        "-extensions",
+        "server",
+        "-out",
+        "server.crt",
+    ]);
+    for entry in fs::read_dir(dir).expect("list the tls dir") {
+        install.give_to_server_user(&entry.expect("tls dir entry").path());
+    }
+    install.give_to_server_user(dir);
+    let server_key = dir.join("server.key");
+    fs::set_permissions(&server_key, fs::Permissions::from_mode(0o600))
+        .expect("chmod 0600 the server key");
+    SslFiles {
+        ca_cert: dir.join("ca.crt"),
+        other_ca_cert: dir.join("other-ca.crt"),
+        server_cert: dir.join("server.crt"),
+        server_key,
+    }
 }
 
 /// `cp -a`: keeps modes and ownership (the data dir must stay 0700 and owned by the server's

@@ -27,7 +27,12 @@ impl Scenario {
     /// `{receiver}` stands for the receiver's base URL (no trailing slash) and `{secret}` for
     /// [`SECRET`].
     pub async fn new(setup_sql: &str, config: &str) -> Scenario {
-        let pg = PgCluster::start();
+        Scenario::with_pg(PgCluster::start(), setup_sql, config).await
+    }
+
+    /// [`Scenario::new`] on a cluster the test started itself, e.g. with
+    /// [`PgCluster::start_with_ssl`].
+    pub async fn with_pg(pg: PgCluster, setup_sql: &str, config: &str) -> Scenario {
         if !setup_sql.is_empty() {
             pg.exec(setup_sql).await;
         }
@@ -57,10 +62,16 @@ impl Scenario {
 
     /// Arguments of `walhook run` for this scenario (default slot and publication).
     pub fn run_args(&self) -> Vec<String> {
+        self.run_args_for(&self.pg.url())
+    }
+
+    /// Arguments of `walhook run` for this scenario, connecting with `database_url` (e.g.
+    /// [`PgCluster::url_with`] some `sslmode`).
+    pub fn run_args_for(&self, database_url: &str) -> Vec<String> {
         vec![
             "run".into(),
             "--database-url".into(),
-            self.pg.url(),
+            database_url.into(),
             "--data-dir".into(),
             self.data_dir().display().to_string(),
             "--config".into(),
@@ -81,6 +92,29 @@ impl Scenario {
         let walhook = Walhook::spawn(&args, &[]);
         walhook.wait_log_contains("streaming", WAIT).await;
         walhook
+    }
+
+    /// Spawns `walhook run` connecting with `database_url` and waits until it streams.
+    pub async fn start_walhook_for(&self, database_url: &str) -> Walhook {
+        let walhook = Walhook::spawn(&self.run_args_for(database_url), &[]);
+        walhook.wait_log_contains("streaming", WAIT).await;
+        walhook
+    }
+
+    /// `walhook check --database-url URL --config FILE` for this scenario's config:
+    /// (exit status, stdout, stderr). Panics when it runs longer than [`WAIT`].
+    pub async fn check_with(
+        &self,
+        database_url: &str,
+    ) -> (std::process::ExitStatus, String, String) {
+        let args = [
+            "check".to_string(),
+            "--database-url".into(),
+            database_url.into(),
+            "--config".into(),
+            self.config.display().to_string(),
+        ];
+        super::run_to_completion(&args, &[], WAIT).await
     }
 
     /// `walhook deliveries --data-dir DIR <args>`: (success, stdout, stderr).

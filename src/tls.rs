@@ -1,0 +1,415 @@
+//! TLS to PostgreSQL, as libpq's `sslmode` and `sslrootcert` describe it, for both the SQL
+//! connections (tokio-postgres) and the replication connection (pgwire-replication).
+//!
+//! tokio-postgres understands only `disable`, `prefer` and `require`, and no `sslrootcert`,
+//! so [`split`] takes both parameters out of `--database-url` before tokio-postgres parses
+//! the rest, and the connector built here does what the mode asks:
+//!
+//! | sslmode | encrypted | certificate chain | host name |
+//! |---|---|---|---|
+//! | `disable` | no | | |
+//! | `prefer` (default) | when the server offers it | not checked | not checked |
+//! | `require` | yes | not checked | not checked |
+//! | `verify-full` | yes | checked | checked (an IP host against the IP SANs) |
+//!
+//! The chain is checked against `sslrootcert` (a PEM file) when given, else the Mozilla
+//! roots. libpq's other defaults (`~/.postgresql/root.crt`) are not read. `verify-ca` is
+//! refused: the replication client (pgwire-replication 0.5) checks the host name in that
+//! mode too (it misses the error variant rustls 0.23.46 reports), so walhook could not keep
+//! its promise on that connection.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+/// libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+impl Mode {
+    fn parse(value: &str) -> Result<Mode, String> {
+        Ok(match value {
+            "disable" => Mode::Disable,
+            "prefer" => Mode::Prefer,
+            "require" => Mode::Require,
+            "verify-ca" => {
+                return Err("--database-url: sslmode=verify-ca is not supported yet (the replication connection would check the host name anyway); use verify-full with the host as the server certificate names it (a DNS name or an IP address it lists), or require".into())
+            }
+            "verify-full" => Mode::VerifyFull,
+            "allow" => {
+                return Err("--database-url: sslmode=allow is not supported (it tries without TLS first); use prefer, require, verify-ca or verify-full".into())
+            }
+            other => {
+                return Err(format!(
+                    "--database-url: sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
+                ))
+            }
+        })
+    }
+
+    /// What tokio-postgres is told: whether TLS is tried, and whether it is required.
+    pub fn for_tokio_postgres(self) -> tokio_postgres::config::SslMode {
+        use tokio_postgres::config::SslMode;
+        match self {
+            Mode::Disable => SslMode::Disable,
+            Mode::Prefer => SslMode::Prefer,
+            Mode::Require | Mode::VerifyFull => SslMode::Require,
+        }
+    }
+
+    /// What pgwire-replication is told.
+    fn for_replication(self) -> pgwire_replication::SslMode {
+        use pgwire_replication::SslMode;
+        match self {
+            Mode::Disable => SslMode::Disable,
+            Mode::Prefer => SslMode::Prefer,
+            Mode::Require => SslMode::Require,
+            Mode::VerifyFull => SslMode::VerifyFull,
+        }
+    }
+}
+
+/// The TLS settings of a `--database-url`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub mode: Mode,
+    /// `sslrootcert`: trusted CA certificates (PEM).
+    pub root_cert: Option<PathBuf>,
+}
+
+impl Settings {
+    /// The replication connection's TLS settings, for a connection to `host`.
+    pub fn for_replication(&self, host: &str) -> pgwire_replication::TlsConfig {
+        // pgwire-replication refuses verify-full to an IP address unless told the name to
+        // check; the address itself is that name (rustls then matches the IP SANs).
+        let sni_hostname = (self.mode == Mode::VerifyFull
+            && host.parse::<std::net::IpAddr>().is_ok())
+        .then(|| host.to_string());
+        pgwire_replication::TlsConfig {
+            mode: self.mode.for_replication(),
+            ca_pem_path: self.root_cert.clone(),
+            sni_hostname,
+            ..Default::default()
+        }
+    }
+
+    /// The SQL connections' TLS connector. Reads `sslrootcert` when the mode checks
+    /// certificates; a file that cannot be read is an error naming it.
+    pub fn connector(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier: Arc<dyn ServerCertVerifier> = match self.mode {
+            Mode::Disable | Mode::Prefer | Mode::Require => Arc::new(AnyCertificate {
+                provider: Arc::clone(&provider),
+            }),
+            Mode::VerifyFull => WebPkiServerVerifier::builder_with_provider(
+                Arc::new(self.roots()?),
+                Arc::clone(&provider),
+            )
+            .build()
+            .map_err(|e| format!("--database-url: cannot check certificates: {e}"))?,
+        };
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("--database-url: cannot set up TLS: {e}"))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+    }
+
+    fn roots(&self) -> Result<RootCertStore, String> {
+        let mut roots = RootCertStore::empty();
+        match &self.root_cert {
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+            Some(path) => {
+                let certs = read_certificates(path)?;
+                let (added, _) = roots.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(format!(
+                        "--database-url: sslrootcert {} holds no usable CA certificate; give a PEM file with the server's CA certificate",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        Ok(roots)
+    }
+
+    /// Reads `sslrootcert` now, so that a missing file is a start-up error, not a
+    /// connection failure later.
+    pub fn check(&self) -> Result<(), String> {
+        match (&self.root_cert, self.mode) {
+            (Some(path), Mode::VerifyFull) => read_certificates(path).map(|_| ()),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let fail = |e: &dyn std::fmt::Display| {
+        format!(
+            "--database-url: cannot read sslrootcert {}: {e}; give a readable PEM file with the server's CA certificate",
+            path.display()
+        )
+    };
+    CertificateDer::pem_file_iter(path)
+        .map_err(|e| fail(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(&e))
+}
+
+/// Takes `sslmode` and `sslrootcert` out of a connection string (URI or `key=value` form):
+/// returns the rest, for tokio-postgres, and the TLS settings.
+pub fn split(url: &str) -> Result<(String, Settings), String> {
+    let mut settings = Settings::default();
+    let mut take = |key: &str, value: &str| -> Result<bool, String> {
+        match key {
+            "sslmode" => settings.mode = Mode::parse(value)?,
+            "sslrootcert" => settings.root_cert = Some(PathBuf::from(value)),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    };
+    let rest = if url.starts_with("postgresql://") || url.starts_with("postgres://") {
+        match url.split_once('?') {
+            None => url.to_string(),
+            Some((base, query)) => {
+                let mut kept = Vec::new();
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                    if !take(&percent_decode(key), &percent_decode(value))? {
+                        kept.push(pair);
+                    }
+                }
+                if kept.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+        }
+    } else {
+        let mut kept = String::new();
+        for (start, end, key, value) in key_values(url) {
+            if !take(&key, &value)? {
+                if !kept.is_empty() {
+                    kept.push(' ');
+                }
+                kept.push_str(&url[start..end]);
+            }
+        }
+        kept
+    };
+    Ok((rest, settings))
+}
+
+/// The `key = value` pairs of a libpq keyword/value string, with the byte span each takes
+/// (values may be single-quoted, with `\` escapes).
+fn key_values(text: &str) -> Vec<(usize, usize, String, String)> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let skip_space = |i: &mut usize| {
+        while *i < bytes.len() && bytes[*i].is_ascii_whitespace() {
+            *i += 1;
+        }
+    };
+    loop {
+        skip_space(&mut i);
+        if i >= bytes.len() {
+            return out;
+        }
+        let start = i;
+        while i < bytes.len() && bytes[i] != b'=' && !bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let key = text[start..i].to_string();
+        skip_space(&mut i);
+        if i < bytes.len() && bytes[i] == b'=' {
+            i += 1;
+        }
+        skip_space(&mut i);
+        let mut value = String::new();
+        if i < bytes.len() && bytes[i] == b'\'' {
+            i += 1;
+            let mut chars = text[i..].char_indices();
+            let mut end = text.len() - i;
+            while let Some((at, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, escaped)) = chars.next() {
+                            value.push(escaped);
+                        }
+                    }
+                    '\'' => {
+                        end = at + 1;
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            i += end;
+        } else {
+            let from = i;
+            while i < bytes.len() && !bytes[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            value.push_str(&text[from..i]);
+        }
+        out.push((start, i, key, value));
+    }
+}
+
+/// `%XX` escapes of a URI component decoded (invalid escapes are kept as they are).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `require` and `prefer`: any certificate (libpq's meaning: encrypted, not authenticated);
+/// the handshake's signatures are still checked.
+#[derive(Debug)]
+struct AnyCertificate {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_parameters_are_taken_out_and_the_rest_kept() {
+        let (rest, tls) = split(
+            "postgresql://u:p@127.0.0.1:5432/db?application_name=x&sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&connect_timeout=3",
+        )
+        .expect("split");
+        assert_eq!(
+            rest,
+            "postgresql://u:p@127.0.0.1:5432/db?application_name=x&connect_timeout=3"
+        );
+        assert_eq!(tls.mode, Mode::VerifyFull);
+        assert_eq!(tls.root_cert, Some(PathBuf::from("/etc/ca.pem")));
+
+        let (rest, tls) = split("postgres://u@h/db?sslmode=require").expect("split");
+        assert_eq!(rest, "postgres://u@h/db");
+        assert_eq!(tls.mode, Mode::Require);
+        let (rest, tls) = split("postgres://u@h/db").expect("split");
+        assert_eq!(
+            (rest.as_str(), tls.mode),
+            ("postgres://u@h/db", Mode::Prefer)
+        );
+    }
+
+    #[test]
+    fn keyword_parameters_are_taken_out_and_the_rest_kept() {
+        let (rest, tls) = split(
+            "host=127.0.0.1 sslmode = verify-full user=walhook sslrootcert='/my dir/ca\\'s.pem' dbname=app",
+        )
+        .expect("split");
+        assert_eq!(rest, "host=127.0.0.1 user=walhook dbname=app");
+        assert_eq!(tls.mode, Mode::VerifyFull);
+        assert_eq!(tls.root_cert, Some(PathBuf::from("/my dir/ca's.pem")));
+    }
+
+    #[test]
+    fn unknown_and_unsupported_modes_are_refused_with_the_choices() {
+        let e = split("postgres://u@h/db?sslmode=strict").expect_err("strict");
+        assert!(e.contains("verify-full"), "{e}");
+        let e = split("host=h sslmode=allow").expect_err("allow");
+        assert!(e.contains("not supported"), "{e}");
+        let e = split("postgres://u@h/db?sslmode=verify-ca").expect_err("verify-ca");
+        assert!(e.contains("verify-full"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_root_certificate_file_is_named() {
+        let tls = Settings {
+            mode: Mode::VerifyFull,
+            root_cert: Some(PathBuf::from("/nonexistent/ca.pem")),
+        };
+        let e = tls.check().expect_err("missing file");
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        assert!(tls.connector().is_err());
+        // Not read when the mode does not check certificates.
+        let tls = Settings {
+            mode: Mode::Require,
+            ..tls
+        };
+        assert!(tls.check().is_ok());
+        assert!(tls.connector().is_ok());
+    }
+}
