@@ -12,6 +12,7 @@
 //! b'd' hook \0 lsn ordinal            → delivered: at (ms since the Unix epoch), then the body
 //! b'a' hook \0 lsn ordinal attempt    → Attempt record
 //! b'm' "position"                     → commit LSN and end LSN of the last logged transaction
+//! b'm' "layout"                       → this layout's version (2; the first had none)
 //! b'm' "origin", "recheck", "applying", "spilling" → the database and slot; recheck
 //!                                        numbering; a spilled transaction's progress
 //! b't' ..., b'c' ..., b'q' ...          → the row state store (see `crate::state`)
@@ -45,6 +46,9 @@ const DELIVERED: u8 = b'd';
 const ATTEMPT: u8 = b'a';
 const POSITION: &[u8] = b"mposition";
 const ORIGIN: &[u8] = b"morigin";
+/// The layout this version writes (the first had no such key); a newer one is refused.
+const LAYOUT: &[u8] = b"mlayout";
+const LAYOUT_VERSION: u8 = 2;
 /// Lets sled's epoch-based reclamation catch up after a batch of `writes` entries: every
 /// write leaves the page it replaced (or more) for later, and crossbeam-epoch, which sled
 /// uses, frees at most 8 bags of 64 such leftovers per collection, run every 128th pin. One
@@ -83,6 +87,10 @@ pub enum LogError {
     Sync(std::io::Error),
     #[error("delivery log holds a corrupt entry under key {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error(
+        "data dir {dir} was written by a newer walhook (log layout {found}, this one knows up to {LAYOUT_VERSION}); run that version, or start with an empty --data-dir"
+    )]
+    Layout { dir: String, found: String },
 }
 
 /// Identifies one notification: the webhook, the commit LSN of its transaction, and its
@@ -168,6 +176,11 @@ pub struct Status {
     pub dead: bool,
     /// When the notification was logged (ms since the Unix epoch).
     pub created_ms: u64,
+    /// Which round of attempts this is: 0 at first, one more for every redelivery. An
+    /// attempt of an earlier round (in flight, or finished but not yet recorded, when the
+    /// redelivery came) is recorded, but does not change the status of the new round.
+    #[serde(default)]
+    pub round: u32,
 }
 
 /// One HTTP attempt, as recorded.
@@ -182,6 +195,9 @@ pub struct Attempt {
     pub response: String,
     /// SHA-256 of the request body, hex: proves every attempt sent the same payload.
     pub payload_sha256: String,
+    /// The round of attempts it belongs to (see [`Status::round`]).
+    #[serde(default)]
+    pub round: u32,
 }
 
 /// What happens to a notification after an attempt.
@@ -224,8 +240,8 @@ pub struct Log {
     /// sled's log file, synced after every flush.
     file: Arc<std::fs::File>,
     /// Serializes the read-modify-writes of delivery status (a finished attempt, a
-    /// redelivery), so that a redelivery made while an attempt is in flight is not undone
-    /// by that attempt's outcome.
+    /// redelivery); with [`Status::round`], a redelivery made while an attempt is in flight
+    /// is not undone by that attempt's outcome.
     status: Arc<std::sync::Mutex<()>>,
 }
 
@@ -268,7 +284,19 @@ impl Log {
             file: Arc::new(file),
             status: Arc::new(std::sync::Mutex::new(())),
         };
-        log.convert_first_layout()?;
+        match log.tree.get(LAYOUT)?.as_deref() {
+            Some([version]) if *version == LAYOUT_VERSION => {}
+            None => {
+                log.convert_first_layout()?;
+                log.tree.insert(LAYOUT, &[LAYOUT_VERSION])?;
+            }
+            Some(other) => {
+                return Err(LogError::Layout {
+                    dir: shown,
+                    found: format!("{other:?}"),
+                })
+            }
+        }
         Ok(log)
     }
 
@@ -360,6 +388,7 @@ impl Log {
             next_at_ms: now_ms,
             dead: false,
             created_ms: now_ms,
+            round: 0,
         };
         let status = encode_json(&status);
         for n in notifications {
@@ -554,18 +583,22 @@ impl Log {
         after: AfterAttempt,
     ) -> Result<(), LogError> {
         self.record_attempts(&[(key.clone(), attempt.clone(), after)])
+            .map(|_| ())
     }
 
     /// Records several attempts and their consequences in one batch (sled forces disk writes
     /// around every batch, so finished attempts are recorded together). Attempts of the
     /// same notification apply in order: a failure then a quick retry's success may share a
-    /// batch.
+    /// batch. Returns how many attempts belonged to an earlier round than the one the log
+    /// now holds (a redelivery came meanwhile): recorded, without consequence; the caller
+    /// should read the log afresh.
     pub fn record_attempts(
         &self,
         outcomes: &[(NotificationKey, Attempt, AfterAttempt)],
-    ) -> Result<(), LogError> {
+    ) -> Result<usize, LogError> {
         let _status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         let mut batch = sled::Batch::default();
+        let mut stale = 0;
         // Pending entries as this batch leaves them (None: moved to delivered).
         let mut pending: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
         for (key, attempt, after) in outcomes {
@@ -580,17 +613,18 @@ impl Log {
                 // attempt record only.
                 continue;
             };
+            let (mut status, body) = decode_pending(&pending_key, &value)?;
+            if status.round != attempt.round {
+                stale += 1;
+                continue;
+            }
             if let AfterAttempt::Delivered = after {
-                // Whatever its status was (even one a redelivery just set), it is delivered
-                // now: only the body moves on, the status need not even be decoded.
-                // (Pruning removes only delivered notifications, so an attempted one is
-                // never pruned under it.)
-                let (_, body) = split_pending(&pending_key, &value)?;
+                // Only the body moves on. (Pruning removes only delivered notifications, so
+                // an attempted one is never pruned under it.)
                 batch.insert(key.encode(DELIVERED), delivered_value(attempt.at_ms, body));
                 pending.insert(pending_key, None);
                 continue;
             }
-            let (mut status, body) = decode_pending(&pending_key, &value)?;
             status.attempts = status.attempts.max(attempt.number);
             status.round_failures += 1;
             match after {
@@ -611,7 +645,7 @@ impl Log {
         }
         self.tree.apply_batch(batch)?;
         reclaim(3 * outcomes.len());
-        Ok(())
+        Ok(stale)
     }
 
     /// The first `limit` pending and dead notifications, in key order, and how many there
@@ -672,11 +706,12 @@ impl Log {
         let Some(detail) = self.detail(key)? else {
             return Ok(false);
         };
-        let (attempts, created_ms) = match detail.state {
-            State::Pending(s) | State::Dead(s) => (s.attempts, s.created_ms),
+        let (attempts, created_ms, round) = match detail.state {
+            State::Pending(s) | State::Dead(s) => (s.attempts, s.created_ms, s.round),
             State::Delivered { .. } => (
                 detail.attempts.iter().map(|a| a.number).max().unwrap_or(0),
                 now_ms,
+                detail.attempts.iter().map(|a| a.round).max().unwrap_or(0),
             ),
         };
         let status = Status {
@@ -685,6 +720,7 @@ impl Log {
             next_at_ms: now_ms,
             dead: false,
             created_ms,
+            round: round + 1,
         };
         let mut batch = sled::Batch::default();
         batch.insert(
@@ -929,6 +965,7 @@ mod tests {
             latency_ms: 3,
             response: "ok".into(),
             payload_sha256: "00".into(),
+            round: 0,
         }
     }
 
@@ -1070,6 +1107,52 @@ mod tests {
     }
 
     #[test]
+    fn an_attempt_recorded_after_a_redelivery_does_not_undo_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path()).expect("open");
+        log.append(&[note("h", 1, 0), note("h", 2, 0)], None, 0)
+            .expect("append");
+        let (k1, k2) = (key("h", 1, 0), key("h", 2, 0));
+        // Both attempts were made in round 0; the redeliveries come before they are recorded.
+        assert!(log.redeliver(&k1, 50).expect("redeliver"));
+        assert!(log.redeliver(&k2, 50).expect("redeliver"));
+        let stale = log
+            .record_attempts(&[
+                (k1.clone(), attempt(1, 500), AfterAttempt::Dead),
+                (k2.clone(), attempt(1, 200), AfterAttempt::Delivered),
+            ])
+            .expect("record");
+        assert_eq!(stale, 2);
+        for k in [&k1, &k2] {
+            let d = log.detail(k).expect("detail").expect("exists");
+            assert!(
+                matches!(d.state, State::Pending(ref s) if s.round == 1 && !s.dead && s.next_at_ms == 50),
+                "{k}: {:?}",
+                d.state
+            );
+            assert_eq!(d.attempts.len(), 1, "the attempt itself is kept");
+        }
+        // An attempt of the new round counts.
+        let mut second = attempt(2, 200);
+        second.round = 1;
+        assert_eq!(
+            log.record_attempts(&[(k2.clone(), second, AfterAttempt::Delivered)])
+                .expect("record"),
+            0
+        );
+        let d = log.detail(&k2).expect("detail").expect("exists");
+        assert!(matches!(d.state, State::Delivered { .. }), "{:?}", d.state);
+        // Redelivered once more, from delivered: the round goes on from its attempts.
+        assert!(log.redeliver(&k2, 60).expect("redeliver"));
+        let d = log.detail(&k2).expect("detail").expect("exists");
+        assert!(
+            matches!(d.state, State::Pending(ref s) if s.round == 2),
+            "{:?}",
+            d.state
+        );
+    }
+
+    #[test]
     fn the_first_layout_converts_at_open_keeping_bodies_and_states() {
         let dir = tempfile::tempdir().expect("tempdir");
         let status = |dead: bool, attempts: u32| Status {
@@ -1078,6 +1161,7 @@ mod tests {
             next_at_ms: 42,
             dead,
             created_ms: 5,
+            round: 0,
         };
         // 300 notifications (more than one conversion page): pending, dead or delivered.
         {
@@ -1098,6 +1182,8 @@ mod tests {
             }
             // A body whose transaction was cut short: no state at all.
             entries.push((key("h", 1, 9).encode(NOTIFICATION), Some(b"{}".to_vec())));
+            // The first layout had no layout key.
+            entries.push((LAYOUT.to_vec(), None));
             log.write_bulk(&entries).expect("first layout");
         }
         let log = Log::open(dir.path()).expect("reopen converts");
@@ -1234,6 +1320,25 @@ mod tests {
         .expect("append");
         log.truncate_transaction("h", 5, 1).expect("truncate");
         assert_eq!(log.counts().expect("counts").notifications, 1);
+    }
+
+    #[test]
+    fn a_log_of_a_newer_layout_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let log = Log::open(dir.path()).expect("open");
+            assert_eq!(
+                log.get_raw(LAYOUT).expect("layout").as_deref(),
+                Some(&[LAYOUT_VERSION][..])
+            );
+            log.write_raw(&[(LAYOUT.to_vec(), Some(vec![LAYOUT_VERSION + 1]))])
+                .expect("newer");
+        }
+        match Log::open(dir.path()) {
+            Err(e @ LogError::Layout { .. }) => assert!(e.to_string().contains("newer walhook")),
+            Err(e) => panic!("unexpected error: {e}"),
+            Ok(_) => panic!("opened a newer layout"),
+        }
     }
 
     #[test]

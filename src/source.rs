@@ -53,9 +53,7 @@ impl From<tokio_postgres::Error> for SourceError {
                 let text = one_line(&e);
                 // A certificate that does not check out, or a server without TLS where
                 // sslmode demands it, will not change by retrying.
-                if text.contains("invalid peer certificate")
-                    || text.contains("does not support TLS")
-                {
+                if tls_is_definite(&text) {
                     SourceError::Definite(format!(
                         "PostgreSQL connection: {text}; check sslmode and sslrootcert in --database-url"
                     ))
@@ -84,12 +82,28 @@ impl From<PgWireError> for SourceError {
             PgWireError::Auth(message) => SourceError::Definite(format!(
                 "replication connection refused: {message}; check the user and password in --database-url"
             )),
-            PgWireError::Tls(message) => SourceError::Definite(format!(
+            // A certificate or setting that does not check out will not by retrying; a
+            // connection lost during the handshake may.
+            PgWireError::Tls(message) if tls_is_definite(message) => SourceError::Definite(format!(
                 "replication TLS: {message}; check sslmode and sslrootcert in --database-url"
             )),
+            PgWireError::Tls(message) => SourceError::Transient(format!("replication TLS: {message}")),
             _ => SourceError::Transient(format!("replication: {e}")),
         }
     }
+}
+
+/// Whether a TLS failure says the settings or the certificate are wrong (rather than the
+/// connection being lost during the handshake).
+fn tls_is_definite(message: &str) -> bool {
+    [
+        "invalid peer certificate",
+        "does not support TLS",
+        "TLS config error",
+        "invalid SNI",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
 }
 
 /// An error with its sources, on one line.
@@ -130,6 +144,12 @@ impl Database {
                 "--database-url is not a PostgreSQL connection string ({e}); write e.g. postgresql://user:password@host:5432/dbname"
             ))
         })?;
+        // Whatever sslmode the rest still holds was missed by `split`: never override it.
+        if config.get_ssl_mode() != tokio_postgres::config::SslMode::Prefer {
+            return Err(SourceError::Definite(
+                "--database-url: sslmode could not be read unambiguously; percent-encode special characters in the user and password (e.g. ? as %3F)".into(),
+            ));
+        }
         config.ssl_mode(tls.mode.for_tokio_postgres());
         tls.check().map_err(SourceError::Definite)?;
         let connector = tls.connector().map_err(SourceError::Definite)?;
@@ -586,7 +606,7 @@ pub async fn check_replication_connection(db: &Database) -> Option<String> {
     };
     match tokio::time::timeout(Duration::from_secs(10), attempt).await {
         Ok(Ok(_)) => None,
-        Ok(Err(PgWireError::Tls(message))) => Some(format!(
+        Ok(Err(PgWireError::Tls(message))) if tls_is_definite(&message) => Some(format!(
             "a replication connection to {} failed in TLS ({message}); check sslmode and sslrootcert in --database-url",
             db.describe()
         )),

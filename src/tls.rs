@@ -49,11 +49,11 @@ impl Mode {
             }
             "verify-full" => Mode::VerifyFull,
             "allow" => {
-                return Err("--database-url: sslmode=allow is not supported (it tries without TLS first); use prefer, require, verify-ca or verify-full".into())
+                return Err("--database-url: sslmode=allow is not supported (it tries without TLS first); use prefer, require or verify-full".into())
             }
             other => {
                 return Err(format!(
-                    "--database-url: sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
+                    "--database-url: sslmode={other} is not one of disable, prefer, require, verify-full"
                 ))
             }
         })
@@ -99,6 +99,8 @@ impl Settings {
         .then(|| host.to_string());
         pgwire_replication::TlsConfig {
             mode: self.mode.for_replication(),
+            // Only ever set with verify-full (see `split`): pgwire-replication would read
+            // the file in every mode.
             ca_pem_path: self.root_cert.clone(),
             sni_hostname,
             ..Default::default()
@@ -150,9 +152,9 @@ impl Settings {
     /// Reads `sslrootcert` now, so that a missing file is a start-up error, not a
     /// connection failure later.
     pub fn check(&self) -> Result<(), String> {
-        match (&self.root_cert, self.mode) {
-            (Some(path), Mode::VerifyFull) => read_certificates(path).map(|_| ()),
-            _ => Ok(()),
+        match &self.root_cert {
+            Some(path) => read_certificates(path).map(|_| ()),
+            None => Ok(()),
         }
     }
 }
@@ -182,10 +184,17 @@ pub fn split(url: &str) -> Result<(String, Settings), String> {
         }
         Ok(true)
     };
-    let rest = if url.starts_with("postgresql://") || url.starts_with("postgres://") {
-        match url.split_once('?') {
+    let rest = if let Some(after) = url
+        .strip_prefix("postgresql://")
+        .or_else(|| url.strip_prefix("postgres://"))
+    {
+        // As tokio-postgres reads it: credentials run to the first `@` (a password may
+        // hold a `?`), the query starts at the first `?` after them.
+        let from = url.len() - after.len() + after.find('@').map_or(0, |at| at + 1);
+        match url[from..].find('?') {
             None => url.to_string(),
-            Some((base, query)) => {
+            Some(at) => {
+                let (base, query) = (&url[..from + at], &url[from + at + 1..]);
                 let mut kept = Vec::new();
                 for pair in query.split('&').filter(|p| !p.is_empty()) {
                     let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -212,6 +221,16 @@ pub fn split(url: &str) -> Result<(String, Settings), String> {
         }
         kept
     };
+    if let Some(root) = &settings.root_cert {
+        if settings.mode != Mode::VerifyFull {
+            return Err(
+                "--database-url: sslrootcert is given but sslmode is not verify-full, so no certificate would be checked against it (libpq would check the chain); add sslmode=verify-full, or drop sslrootcert"
+                .into());
+        }
+        if root.as_os_str() == "system" {
+            return Err("--database-url: sslrootcert=system is not supported; leave sslrootcert out to check against the Mozilla roots, or give a PEM file".into());
+        }
+    }
     Ok((rest, settings))
 }
 
@@ -262,11 +281,24 @@ fn key_values(text: &str) -> Vec<(usize, usize, String, String)> {
             }
             i += end;
         } else {
-            let from = i;
-            while i < bytes.len() && !bytes[i].is_ascii_whitespace() {
-                i += 1;
+            // Unquoted: up to white space; `\` takes the next character as it is.
+            let mut chars = text[i..].char_indices();
+            let mut end = text.len() - i;
+            while let Some((at, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, escaped)) = chars.next() {
+                            value.push(escaped);
+                        }
+                    }
+                    c if c.is_whitespace() => {
+                        end = at;
+                        break;
+                    }
+                    c => value.push(c),
+                }
             }
-            value.push_str(&text[from..i]);
+            i += end;
         }
         out.push((start, i, key, value));
     }
@@ -293,8 +325,9 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `require` and `prefer`: any certificate (libpq's meaning: encrypted, not authenticated);
-/// the handshake's signatures are still checked.
+/// `require` and `prefer` on the SQL connections: any certificate (libpq's meaning:
+/// encrypted, not authenticated); the handshake's signatures are still checked (the
+/// replication client's own verifier for these modes does not check them either).
 #[derive(Debug)]
 struct AnyCertificate {
     provider: Arc<CryptoProvider>,
@@ -404,12 +437,30 @@ mod tests {
         let e = tls.check().expect_err("missing file");
         assert!(e.contains("/nonexistent/ca.pem"), "{e}");
         assert!(tls.connector().is_err());
-        // Not read when the mode does not check certificates.
-        let tls = Settings {
-            mode: Mode::Require,
-            ..tls
-        };
-        assert!(tls.check().is_ok());
-        assert!(tls.connector().is_ok());
+    }
+
+    #[test]
+    fn a_root_certificate_without_verify_full_is_refused() {
+        // libpq would check the chain against it under require; walhook would not.
+        for url in [
+            "postgres://u@h/db?sslmode=require&sslrootcert=/ca.pem",
+            "host=h sslrootcert=/ca.pem",
+        ] {
+            let e = split(url).expect_err(url);
+            assert!(e.contains("verify-full"), "{e}");
+        }
+        let e =
+            split("postgres://u@h/db?sslmode=verify-full&sslrootcert=system").expect_err("system");
+        assert!(e.contains("system"), "{e}");
+    }
+
+    #[test]
+    fn a_question_mark_or_backslash_in_the_password_does_not_hide_sslmode() {
+        let (rest, tls) = split("postgresql://walhook:p?ss@db/app?sslmode=require").expect("split");
+        assert_eq!(rest, "postgresql://walhook:p?ss@db/app");
+        assert_eq!(tls.mode, Mode::Require);
+        let (rest, tls) = split(r"host=db password=a\ b sslmode=verify-full").expect("split");
+        assert_eq!(rest, r"host=db password=a\ b");
+        assert_eq!(tls.mode, Mode::VerifyFull);
     }
 }

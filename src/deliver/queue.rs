@@ -33,7 +33,8 @@ const MIN_WINDOW: usize = 256;
 /// every batch, which at thousands of deliveries a second cost more than the HTTP requests):
 /// at most this long after the first of them finished, ...
 const RECORD_DELAY: Duration = Duration::from_millis(10);
-/// ... or as soon as this many are waiting, and always before the queue reads the log again.
+/// ... or as soon as this many are waiting, and always before the queue reads the log from
+/// its start again.
 const RECORD_BATCH: usize = 256;
 
 /// Where a notification sorts in the window: by due time, or by commit order when ordered.
@@ -238,9 +239,12 @@ impl Queue {
         if room < capacity / 2 {
             return Ok(());
         }
-        // What the log says of a notification must include every finished attempt, or a
-        // rescan would send a delivered notification again.
-        self.write_records().await?;
+        // Read from the start again (a rescan), the log must include every finished
+        // attempt, or a delivered notification would be sent again. Past the cursor are
+        // only notifications this queue has not attempted.
+        if self.cursor.is_none() {
+            self.write_records().await?;
+        }
         let up_to = self.durable.borrow().commit_lsn;
         let page = self
             .log
@@ -339,7 +343,10 @@ impl Queue {
                 })
                 .await;
             match written {
-                Ok((Ok(()), _)) => {}
+                // A redelivery came while these were in flight or waiting: read the log
+                // afresh, where the new round is.
+                Ok((Ok(stale), _)) if stale > 0 => self.start_over(),
+                Ok((Ok(_), _)) => {}
                 Ok((Err(e), records)) => {
                     self.unrecorded = records;
                     return Err(e);
@@ -383,6 +390,7 @@ impl Queue {
                 latency_ms: f.outcome.latency.as_millis() as u64,
                 response: f.outcome.body_head.clone(),
                 payload_sha256: f.payload_sha256.clone(),
+                round: f.status.round,
             };
             records.push((f.key.clone(), record, after));
         }
