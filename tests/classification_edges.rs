@@ -79,6 +79,46 @@ async fn pk_change_keeps_unchanged_toast() {
     );
 }
 
+/// The same inside a transaction large enough to be spilled to the data dir (more than
+/// 10,000 classified rows): the row's move must survive the spill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pk_change_keeps_unchanged_toast_in_a_spilled_transaction() {
+    let setup = "CREATE TABLE docs (id bigint PRIMARY KEY, title text, doc text);
+                 ALTER TABLE docs ALTER COLUMN doc SET STORAGE EXTERNAL;";
+    // Only transitions to and from true: the 12,000 filler rows go null -> false, unheard.
+    let config = "[[event]]\nname = \"became\"\nclassification = \"big_doc\"\nfrom = \"any\"\nto = \"true\"\n\n\
+                  [[event]]\nname = \"left\"\nclassification = \"big_doc\"\nfrom = \"true\"\nto = \"any\"\n\n\
+                  [[webhook]]\nid = \"became\"\nevent = \"became\"\nurl = \"{receiver}/hooks/became\"\nsecret = \"{secret}\"\n\n\
+                  [[webhook]]\nid = \"left\"\nevent = \"left\"\nurl = \"{receiver}/hooks/left\"\nsecret = \"{secret}\"\n";
+    let s = Scenario::new(setup, config).await;
+    let dir = dir_with(
+        &s,
+        "big_doc",
+        "SELECT id FROM public.docs WHERE length(doc) > 5000\n",
+    );
+    let walhook = s.start_walhook_with(&["--classifications", &dir]).await;
+    s.pg.exec(&format!("INSERT INTO docs VALUES (1, 'a', {BIG_TEXT})"))
+        .await;
+    assert_eq!(settle(&s, 1).await, vec!["null -> true [1]"]);
+    s.pg.exec(
+        "BEGIN;
+         INSERT INTO docs SELECT i, 'filler', NULL FROM generate_series(100, 6099) i;
+         UPDATE docs SET id = 2 WHERE id = 1;
+         INSERT INTO docs SELECT i, 'filler', NULL FROM generate_series(6100, 12099) i;
+         COMMIT;",
+    )
+    .await;
+    assert_eq!(
+        settle(&s, 3).await,
+        vec!["null -> true [1]", "null -> true [2]", "true -> null [1]"]
+    );
+    assert!(
+        walhook.log().contains("a large transaction"),
+        "the transaction was not spilled:\n{}",
+        walhook.log()
+    );
+}
+
 /// Baseline keys must equal stream keys (pgoutput's text) for char(n) keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bpchar_key_baseline_matches_stream() {

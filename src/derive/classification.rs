@@ -793,13 +793,17 @@ impl Classifier {
                     let Some(row) = state::row_of(&prefix, key) else {
                         continue;
                     };
-                    let (after, updated) =
+                    let (after, updated, moved_from) =
                         decode_change(bytes).map_err(|reason| LogError::Corrupt {
                             key: String::from_utf8_lossy(key).into_owned(),
                             reason,
                         })?;
                     let row_json = serde_json::from_str(&row).unwrap_or(Value::String(row));
+                    let at = changes.rows.len();
                     changes.touch(row_json, after, updated);
+                    if let Some((_, change)) = changes.rows.get_mut(at) {
+                        change.moved_from = moved_from;
+                    }
                 }
                 if let Some((last, _)) = page.last() {
                     from = last.to_vec();
@@ -1505,12 +1509,22 @@ fn scratch_key(table: &TableName, row: &str) -> Vec<u8> {
 }
 
 /// A spilled row change: `[0]` deleted (`[3]` deleted after an update), or `[1]` (`[2]`
-/// updated) and per cell `0` null, `1` + length + text, `2` unchanged.
-fn encode_change(after: &Option<Vec<Cell>>, updated: bool) -> Vec<u8> {
+/// updated; `[4]` + length + old key: moved there by a key update, with unchanged values
+/// still to take from the old key's row) and per cell `0` null, `1` + length + text, `2`
+/// unchanged.
+fn encode_change(after: &Option<Vec<Cell>>, updated: bool, moved_from: Option<&str>) -> Vec<u8> {
     let Some(cells) = after else {
         return vec![if updated { 3 } else { 0 }];
     };
-    let mut out = vec![if updated { 2 } else { 1 }];
+    let mut out = match moved_from {
+        Some(from) => {
+            let mut out = vec![4];
+            out.extend_from_slice(&(from.len() as u32).to_be_bytes());
+            out.extend_from_slice(from.as_bytes());
+            out
+        }
+        None => vec![if updated { 2 } else { 1 }],
+    };
     for cell in cells {
         match cell {
             Cell::Null => out.push(0),
@@ -1525,14 +1539,25 @@ fn encode_change(after: &Option<Vec<Cell>>, updated: bool) -> Vec<u8> {
     out
 }
 
-fn decode_change(bytes: &[u8]) -> Result<(Option<Vec<Cell>>, bool), String> {
+/// A spilled row change: its image (`None`: deleted), whether an UPDATE touched it, and the
+/// key it was moved from (see [`encode_change`]).
+type SpilledChange = (Option<Vec<Cell>>, bool, Option<String>);
+
+fn decode_change(bytes: &[u8]) -> Result<SpilledChange, String> {
     let Some((&tag, mut rest)) = bytes.split_first() else {
         return Err("empty change".into());
     };
-    let updated = tag == 2 || tag == 3;
+    let updated = tag >= 2;
     if tag == 0 || tag == 3 {
-        return Ok((None, updated));
+        return Ok((None, updated, None));
     }
+    let moved_from = if tag == 4 {
+        let (from, tail) = take_text(rest)?;
+        rest = tail;
+        Some(from)
+    } else {
+        None
+    };
     let mut cells = Vec::new();
     while let Some((&kind, tail)) = rest.split_first() {
         rest = tail;
@@ -1540,22 +1565,28 @@ fn decode_change(bytes: &[u8]) -> Result<(Option<Vec<Cell>>, bool), String> {
             0 => Cell::Null,
             2 => Cell::Unchanged,
             1 => {
-                if rest.len() < 4 {
-                    return Err("truncated change".into());
-                }
-                let (len, tail) = rest.split_at(4);
-                let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-                if tail.len() < len {
-                    return Err("truncated change".into());
-                }
-                let (text, tail) = tail.split_at(len);
+                let (text, tail) = take_text(rest)?;
                 rest = tail;
-                Cell::Text(String::from_utf8_lossy(text).into_owned())
+                Cell::Text(text)
             }
             other => return Err(format!("unknown cell tag {other}")),
         });
     }
-    Ok((Some(cells), updated))
+    Ok((Some(cells), updated, moved_from))
+}
+
+/// A 4-byte big-endian length and that many bytes of text, and what follows.
+fn take_text(bytes: &[u8]) -> Result<(String, &[u8]), String> {
+    if bytes.len() < 4 {
+        return Err("truncated change".into());
+    }
+    let (len, tail) = bytes.split_at(4);
+    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if tail.len() < len {
+        return Err("truncated change".into());
+    }
+    let (text, tail) = tail.split_at(len);
+    Ok((String::from_utf8_lossy(text).into_owned(), tail))
 }
 
 /// Spills a huge transaction's touched rows out of memory into the scratch area. A row
@@ -1589,19 +1620,46 @@ pub fn spill(
             let key = scratch_key(&table, &row);
             let mut after = change.after;
             let mut updated = change.updated;
-            if let Some(bytes) = log.get_raw(&key)? {
-                if let Ok((earlier, earlier_updated)) = decode_change(&bytes) {
+            let mut moved_from = change.moved_from;
+            // Unchanged values come from the row's earlier image, or, for a row moved here
+            // by a key update, from the old key's (both may be in the scratch area from an
+            // earlier spill of this transaction: nothing is written before the loop ends).
+            let mut earlier_keys = vec![key.clone()];
+            if let Some(from) = &moved_from {
+                earlier_keys.push(scratch_key(&table, from));
+            }
+            for (i, earlier_key) in earlier_keys.iter().enumerate() {
+                let Some(bytes) = log.get_raw(earlier_key)? else {
+                    continue;
+                };
+                let Ok((earlier, earlier_updated, earlier_moved)) = decode_change(&bytes) else {
+                    continue;
+                };
+                if i == 0 {
                     updated |= earlier_updated;
-                    if let (Some(cells), Some(earlier)) = (&mut after, earlier) {
-                        for (cell, old) in cells.iter_mut().zip(earlier) {
-                            if *cell == Cell::Unchanged {
-                                *cell = old;
-                            }
+                    moved_from = moved_from.or(earlier_moved);
+                } else if earlier_moved.is_some() {
+                    // The old key was itself moved: what it still lacks is its origin's.
+                    moved_from = earlier_moved;
+                }
+                if let (Some(cells), Some(earlier)) = (&mut after, earlier) {
+                    for (cell, old) in cells.iter_mut().zip(earlier) {
+                        if *cell == Cell::Unchanged {
+                            *cell = old;
                         }
                     }
                 }
             }
-            entries.push((key, Some(encode_change(&after, updated))));
+            if !after
+                .as_ref()
+                .is_some_and(|cells| cells.contains(&Cell::Unchanged))
+            {
+                moved_from = None;
+            }
+            entries.push((
+                key,
+                Some(encode_change(&after, updated, moved_from.as_deref())),
+            ));
         }
         log.write_bulk(&entries)?;
     }
@@ -2130,4 +2188,38 @@ fn numbered(
     };
     *ordinal += 1;
     notification
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spilled_changes_round_trip_with_their_origin() {
+        let cells = vec![Cell::Null, Cell::Text("é\0x".into()), Cell::Unchanged];
+        let cases: Vec<SpilledChange> = vec![
+            (None, false, None),
+            (None, true, None),
+            (Some(cells.clone()), false, None),
+            (Some(cells.clone()), true, None),
+            (Some(cells.clone()), true, Some("{\"id\":1}".into())),
+            (Some(Vec::new()), true, Some(String::new())),
+        ];
+        for (after, updated, moved_from) in cases {
+            let bytes = encode_change(&after, updated, moved_from.as_deref());
+            let decoded = decode_change(&bytes).expect("decodes");
+            // A moved row is an updated one.
+            let expected = (
+                after.clone(),
+                updated || moved_from.is_some(),
+                moved_from.clone(),
+            );
+            assert_eq!(decoded, expected, "{bytes:?}");
+            // Cut anywhere inside a length-prefixed part, it is an error, never a panic.
+            for cut in 1..bytes.len() {
+                let _ = decode_change(&bytes[..cut]);
+            }
+        }
+        assert!(decode_change(&[4, 0, 0, 0, 9, b'x']).is_err());
+    }
 }
