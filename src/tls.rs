@@ -10,23 +10,27 @@
 //! | `disable` | no | | |
 //! | `prefer` (default) | when the server offers it | not checked | not checked |
 //! | `require` | yes | not checked | not checked |
+//! | `verify-ca` | yes | checked | not checked (see below) |
 //! | `verify-full` | yes | checked | checked (an IP host against the IP SANs) |
 //!
 //! The chain is checked against `sslrootcert` (a PEM file) when given, else the Mozilla
-//! roots. libpq's other defaults (`~/.postgresql/root.crt`) are not read. `verify-ca` is
-//! refused: the replication client (pgwire-replication 0.5) checks the host name in that
-//! mode too (it misses the error variant rustls 0.23.46 reports), so walhook could not keep
-//! its promise on that connection.
+//! roots. libpq's other defaults (`~/.postgresql/root.crt`) are not read.
+//!
+//! `verify-ca` on the replication connection: pgwire-replication 0.5 checks the host name in
+//! that mode too (it misses the error variant rustls 0.23.46 reports). So the SQL
+//! connections, which always connect first, note a DNS name the (chain-checked) certificate
+//! lists, and the replication connection checks chain and that name: any certificate of the
+//! trusted CAs for the server's own name, whatever host the URL gives.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 /// libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,6 +39,7 @@ pub enum Mode {
     #[default]
     Prefer,
     Require,
+    VerifyCa,
     VerifyFull,
 }
 
@@ -44,16 +49,14 @@ impl Mode {
             "disable" => Mode::Disable,
             "prefer" => Mode::Prefer,
             "require" => Mode::Require,
-            "verify-ca" => {
-                return Err("--database-url: sslmode=verify-ca is not supported yet (the replication connection would check the host name anyway); use verify-full with the host as the server certificate names it (a DNS name or an IP address it lists), or require".into())
-            }
+            "verify-ca" => Mode::VerifyCa,
             "verify-full" => Mode::VerifyFull,
             "allow" => {
-                return Err("--database-url: sslmode=allow is not supported (it tries without TLS first); use prefer, require or verify-full".into())
+                return Err("--database-url: sslmode=allow is not supported (it tries without TLS first); use prefer, require, verify-ca or verify-full".into())
             }
             other => {
                 return Err(format!(
-                    "--database-url: sslmode={other} is not one of disable, prefer, require, verify-full"
+                    "--database-url: sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
                 ))
             }
         })
@@ -65,7 +68,7 @@ impl Mode {
         match self {
             Mode::Disable => SslMode::Disable,
             Mode::Prefer => SslMode::Prefer,
-            Mode::Require | Mode::VerifyFull => SslMode::Require,
+            Mode::Require | Mode::VerifyCa | Mode::VerifyFull => SslMode::Require,
         }
     }
 
@@ -76,17 +79,21 @@ impl Mode {
             Mode::Disable => SslMode::Disable,
             Mode::Prefer => SslMode::Prefer,
             Mode::Require => SslMode::Require,
-            Mode::VerifyFull => SslMode::VerifyFull,
+            // With the certificate's own name to check (see the module's comment).
+            Mode::VerifyCa | Mode::VerifyFull => SslMode::VerifyFull,
         }
     }
 }
 
 /// The TLS settings of a `--database-url`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Settings {
     pub mode: Mode,
     /// `sslrootcert`: trusted CA certificates (PEM).
     pub root_cert: Option<PathBuf>,
+    /// `verify-ca`: a DNS name the server's certificate lists, noted by the SQL connections'
+    /// handshakes, for the replication connection to check.
+    server_name: Arc<Mutex<Option<String>>>,
 }
 
 impl Settings {
@@ -94,13 +101,25 @@ impl Settings {
     pub fn for_replication(&self, host: &str) -> pgwire_replication::TlsConfig {
         // pgwire-replication refuses verify-full to an IP address unless told the name to
         // check; the address itself is that name (rustls then matches the IP SANs).
-        let sni_hostname = (self.mode == Mode::VerifyFull
-            && host.parse::<std::net::IpAddr>().is_ok())
-        .then(|| host.to_string());
+        let by_ip = || {
+            host.parse::<std::net::IpAddr>()
+                .is_ok()
+                .then(|| host.to_string())
+        };
+        let sni_hostname = match self.mode {
+            Mode::VerifyFull => by_ip(),
+            Mode::VerifyCa => self
+                .server_name
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .or_else(by_ip),
+            _ => None,
+        };
         pgwire_replication::TlsConfig {
             mode: self.mode.for_replication(),
-            // Only ever set with verify-full (see `split`): pgwire-replication would read
-            // the file in every mode.
+            // Only ever set with verify-ca or verify-full (see `split`): pgwire-replication
+            // would read the file in every mode.
             ca_pem_path: self.root_cert.clone(),
             sni_hostname,
             ..Default::default()
@@ -115,12 +134,22 @@ impl Settings {
             Mode::Disable | Mode::Prefer | Mode::Require => Arc::new(AnyCertificate {
                 provider: Arc::clone(&provider),
             }),
-            Mode::VerifyFull => WebPkiServerVerifier::builder_with_provider(
-                Arc::new(self.roots()?),
-                Arc::clone(&provider),
-            )
-            .build()
-            .map_err(|e| format!("--database-url: cannot check certificates: {e}"))?,
+            Mode::VerifyCa | Mode::VerifyFull => {
+                let webpki = WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(self.roots()?),
+                    Arc::clone(&provider),
+                )
+                .build()
+                .map_err(|e| format!("--database-url: cannot check certificates: {e}"))?;
+                if self.mode == Mode::VerifyCa {
+                    Arc::new(ChainOnly {
+                        inner: webpki,
+                        server_name: Arc::clone(&self.server_name),
+                    })
+                } else {
+                    webpki
+                }
+            }
         };
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -222,9 +251,9 @@ pub fn split(url: &str) -> Result<(String, Settings), String> {
         kept
     };
     if let Some(root) = &settings.root_cert {
-        if settings.mode != Mode::VerifyFull {
+        if !matches!(settings.mode, Mode::VerifyCa | Mode::VerifyFull) {
             return Err(
-                "--database-url: sslrootcert is given but sslmode is not verify-full, so no certificate would be checked against it (libpq would check the chain); add sslmode=verify-full, or drop sslrootcert"
+                "--database-url: sslrootcert is given but sslmode is not verify-ca or verify-full, so no certificate would be checked against it (libpq would check the chain); add sslmode=verify-full (or verify-ca), or drop sslrootcert"
                 .into());
         }
         if root.as_os_str() == "system" {
@@ -380,6 +409,76 @@ impl ServerCertVerifier for AnyCertificate {
     }
 }
 
+/// `verify-ca` on the SQL connections: the chain is checked, the host name is not; a DNS
+/// name the certificate lists is noted for the replication connection.
+#[derive(Debug)]
+struct ChainOnly {
+    inner: Arc<WebPkiServerVerifier>,
+    server_name: Arc<Mutex<Option<String>>>,
+}
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Ok(_)
+            | Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(name) = certificate_name(end_entity) {
+            *self.server_name.lock().unwrap_or_else(|e| e.into_inner()) = Some(name);
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A DNS name `certificate` is valid for: its first listed name, a wildcard's `*` made a
+/// label of its own.
+fn certificate_name(certificate: &CertificateDer<'_>) -> Option<String> {
+    let parsed = webpki::EndEntityCert::try_from(certificate).ok()?;
+    let name = parsed.valid_dns_names().next()?;
+    Some(match name.strip_prefix("*.") {
+        Some(domain) => format!("walhook.{domain}"),
+        None => name.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,8 +523,8 @@ mod tests {
         assert!(e.contains("verify-full"), "{e}");
         let e = split("host=h sslmode=allow").expect_err("allow");
         assert!(e.contains("not supported"), "{e}");
-        let e = split("postgres://u@h/db?sslmode=verify-ca").expect_err("verify-ca");
-        assert!(e.contains("verify-full"), "{e}");
+        let (_, tls) = split("postgres://u@h/db?sslmode=verify-ca").expect("verify-ca");
+        assert_eq!(tls.mode, Mode::VerifyCa);
     }
 
     #[test]
@@ -433,6 +532,7 @@ mod tests {
         let tls = Settings {
             mode: Mode::VerifyFull,
             root_cert: Some(PathBuf::from("/nonexistent/ca.pem")),
+            ..Settings::default()
         };
         let e = tls.check().expect_err("missing file");
         assert!(e.contains("/nonexistent/ca.pem"), "{e}");
