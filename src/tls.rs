@@ -14,7 +14,8 @@
 //! | `verify-full` | yes | checked | checked (an IP host against the IP SANs) |
 //!
 //! The chain is checked against `sslrootcert` (a PEM file) when given, else the Mozilla
-//! roots. libpq's other defaults (`~/.postgresql/root.crt`) are not read.
+//! roots. `sslcert` and `sslkey` give a client certificate, for servers that authenticate
+//! clients by certificate. libpq's defaults under `~/.postgresql/` are not read.
 //!
 //! `verify-ca` on the replication connection: pgwire-replication 0.5 checks the host name in
 //! that mode too (it misses the error variant rustls 0.23.46 reports). So the SQL
@@ -29,7 +30,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 /// libpq's `sslmode`.
@@ -91,6 +92,9 @@ pub struct Settings {
     pub mode: Mode,
     /// `sslrootcert`: trusted CA certificates (PEM).
     pub root_cert: Option<PathBuf>,
+    /// `sslcert` and `sslkey`: a client certificate chain and its private key (PEM), for
+    /// servers that authenticate clients by certificate.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
     /// `verify-ca`: a DNS name the server's certificate lists, noted by the SQL connections'
     /// handshakes, for the replication connection to check.
     server_name: Arc<Mutex<Option<String>>>,
@@ -122,7 +126,8 @@ impl Settings {
             // would read the file in every mode.
             ca_pem_path: self.root_cert.clone(),
             sni_hostname,
-            ..Default::default()
+            client_cert_pem_path: self.client_cert.as_ref().map(|(cert, _)| cert.clone()),
+            client_key_pem_path: self.client_cert.as_ref().map(|(_, key)| key.clone()),
         }
     }
 
@@ -151,12 +156,24 @@ impl Settings {
                 }
             }
         };
-        let config = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("--database-url: cannot set up TLS: {e}"))?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(verifier);
+        let config = match &self.client_cert {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let (chain, key) = read_client_certificate(cert, key)?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    format!(
+                        "--database-url: sslcert {} and sslkey {} do not make a client certificate ({e}); give the certificate and its own private key",
+                        self.client_cert.as_ref().map_or(String::new(), |(c, _)| c.display().to_string()),
+                        self.client_cert.as_ref().map_or(String::new(), |(_, k)| k.display().to_string()),
+                    )
+                })?
+            }
+        };
         Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
     }
 
@@ -165,7 +182,7 @@ impl Settings {
         match &self.root_cert {
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
             Some(path) => {
-                let certs = read_certificates(path)?;
+                let certs = read_certificates("sslrootcert", path)?;
                 let (added, _) = roots.add_parsable_certificates(certs);
                 if added == 0 {
                     return Err(format!(
@@ -178,37 +195,62 @@ impl Settings {
         Ok(roots)
     }
 
-    /// Reads `sslrootcert` now, so that a missing file is a start-up error, not a
-    /// connection failure later.
+    /// Reads `sslrootcert`, `sslcert` and `sslkey` now, so that a missing file is a
+    /// start-up error, not a connection failure later.
     pub fn check(&self) -> Result<(), String> {
-        match &self.root_cert {
-            Some(path) => read_certificates(path).map(|_| ()),
-            None => Ok(()),
+        if let Some(path) = &self.root_cert {
+            read_certificates("sslrootcert", path)?;
         }
+        if let Some((cert, key)) = &self.client_cert {
+            read_client_certificate(cert, key)?;
+        }
+        Ok(())
     }
 }
 
-fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read_certificates(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let fail = |e: &dyn std::fmt::Display| {
         format!(
-            "--database-url: cannot read sslrootcert {}: {e}; give a readable PEM file with the server's CA certificate",
+            "--database-url: cannot read {what} {}: {e}; give a readable PEM file of certificates",
             path.display()
         )
     };
-    CertificateDer::pem_file_iter(path)
+    let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| fail(&e))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(&e))
+        .map_err(|e| fail(&e))?;
+    if certs.is_empty() {
+        return Err(fail(&"no certificate in it"));
+    }
+    Ok(certs)
 }
 
-/// Takes `sslmode` and `sslrootcert` out of a connection string (URI or `key=value` form):
-/// returns the rest, for tokio-postgres, and the TLS settings.
+/// The client certificate chain (`sslcert`) and its private key (`sslkey`).
+fn read_client_certificate(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let chain = read_certificates("sslcert", cert)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        format!(
+            "--database-url: cannot read sslkey {}: {e}; give a readable PEM file with the client certificate's private key (PKCS#8, PKCS#1 or SEC1)",
+            key.display()
+        )
+    })?;
+    Ok((chain, key))
+}
+
+/// Takes `sslmode`, `sslrootcert`, `sslcert` and `sslkey` out of a connection string (URI or
+/// `key=value` form): returns the rest, for tokio-postgres, and the TLS settings.
 pub fn split(url: &str) -> Result<(String, Settings), String> {
     let mut settings = Settings::default();
-    let mut take = |key: &str, value: &str| -> Result<bool, String> {
-        match key {
+    let (mut cert, mut key) = (None, None);
+    let mut take = |name: &str, value: &str| -> Result<bool, String> {
+        match name {
             "sslmode" => settings.mode = Mode::parse(value)?,
             "sslrootcert" => settings.root_cert = Some(PathBuf::from(value)),
+            "sslcert" => cert = Some(PathBuf::from(value)),
+            "sslkey" => key = Some(PathBuf::from(value)),
             _ => return Ok(false),
         }
         Ok(true)
@@ -249,6 +291,16 @@ pub fn split(url: &str) -> Result<(String, Settings), String> {
             }
         }
         kept
+    };
+    settings.client_cert = match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) if settings.mode != Mode::Disable => Some((cert, key)),
+        (Some(_), Some(_)) => {
+            return Err("--database-url: sslcert and sslkey are given but sslmode=disable; use require, verify-ca or verify-full".into())
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            return Err("--database-url: sslcert and sslkey go together (the client certificate and its private key); give both, or neither".into())
+        }
     };
     if let Some(root) = &settings.root_cert {
         if !matches!(settings.mode, Mode::VerifyCa | Mode::VerifyFull) {
@@ -552,6 +604,24 @@ mod tests {
         let e =
             split("postgres://u@h/db?sslmode=verify-full&sslrootcert=system").expect_err("system");
         assert!(e.contains("system"), "{e}");
+    }
+
+    #[test]
+    fn a_client_certificate_takes_both_files_and_tls() {
+        let (rest, tls) =
+            split("postgresql://u@h/db?sslmode=require&sslcert=/c.pem&sslkey=/k.pem&x=1")
+                .expect("split");
+        assert_eq!(rest, "postgresql://u@h/db?x=1");
+        assert_eq!(
+            tls.client_cert,
+            Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
+        );
+        let e = split("host=h sslcert=/c.pem").expect_err("no key");
+        assert!(e.contains("sslkey"), "{e}");
+        let e = split("host=h sslmode=disable sslcert=/c.pem sslkey=/k.pem").expect_err("disable");
+        assert!(e.contains("disable"), "{e}");
+        let e = tls.check().expect_err("missing files");
+        assert!(e.contains("sslcert /c.pem"), "{e}");
     }
 
     #[test]

@@ -359,3 +359,33 @@ async fn verify_ca_checks_the_chain_but_not_the_host_name() {
         "the error does not mention the certificate: {error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_authenticates_where_the_server_requires_one() {
+    let s = Scenario::with_pg(PgCluster::start_with_ssl(), CUSTOMERS, CONFIG).await;
+    s.pg.require_client_certificates().await;
+    let ssl = s.pg.ssl().clone();
+
+    // Without one, the server refuses walhook, and walhook says why.
+    let error = check_refuses(&s, &s.pg.url_with("sslmode=require")).await;
+    assert!(
+        error.to_lowercase().contains("certificate"),
+        "the error does not mention the certificate: {error}"
+    );
+
+    let url = s.pg.url_with(&format!(
+        "{}&sslcert={}&sslkey={}",
+        verify("verify-full", &ssl.ca_cert),
+        ssl.client_cert.display(),
+        ssl.client_key.display()
+    ));
+    assert_check_passes(&s, &url).await;
+    let _walhook = s.start_walhook_for(&url).await;
+    assert_insert_notifies(&s, 1).await;
+    assert_sessions_encrypted(&s.pg).await;
+    let lines = walhook_connections_logged(&s.pg);
+    assert!(
+        lines.iter().any(|l| l.contains("replication connection")),
+        "no replication connection of walhook's in the server log:\n{lines:#?}"
+    );
+}

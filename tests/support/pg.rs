@@ -58,6 +58,10 @@ pub struct SslFiles {
     pub server_cert: PathBuf,
     /// The server key (`ssl_key_file`).
     pub server_key: PathBuf,
+    /// A client certificate for the user `postgres` (CN), signed by the CA (`ssl_ca_file`),
+    /// and its key: the right `sslcert` and `sslkey`.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 /// The subjectAltNames of the server certificate made by [`PgCluster::start_with_ssl`].
@@ -203,6 +207,22 @@ impl PgCluster {
         client
     }
 
+    /// For a cluster started with SSL: TLS connections over TCP must then authenticate with
+    /// a client certificate of the cluster's CA whose CN is the user (`cert` in
+    /// `pg_hba.conf`); plain ones (the harness's own) are still trusted.
+    pub async fn require_client_certificates(&self) {
+        self.ssl();
+        let hba = "local all all trust\n\
+                   hostnossl all all 127.0.0.1/32 trust\n\
+                   hostnossl replication all 127.0.0.1/32 trust\n\
+                   hostssl all all 127.0.0.1/32 cert\n\
+                   hostssl replication all 127.0.0.1/32 cert\n";
+        let path = self.data_dir().join("pg_hba.conf");
+        fs::write(&path, hba).expect("write pg_hba.conf");
+        self.install.give_to_server_user(&path);
+        self.exec("SELECT pg_reload_conf()").await;
+    }
+
     /// Runs `sql` (one or more statements) with `batch_execute`; panics with the error and the
     /// statement text when it fails.
     pub async fn exec(&self, sql: &str) {
@@ -287,9 +307,11 @@ impl PgCluster {
                 "ssl = on\n\
                  ssl_cert_file = '{cert}'\n\
                  ssl_key_file = '{key}'\n\
+                 ssl_ca_file = '{ca}'\n\
                  log_connections = on\n",
                 cert = ssl.server_cert.display(),
                 key = ssl.server_key.display(),
+                ca = ssl.ca_cert.display(),
             ));
         }
         let path = self.data_dir().join("harness.conf");
@@ -503,6 +525,10 @@ CN = unused
 basicConstraints = critical,CA:TRUE
 keyUsage = critical,keyCertSign,cRLSign
 subjectKeyIdentifier = hash
+[client]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = clientAuth
 [server]
 basicConstraints = critical,CA:FALSE
 keyUsage = critical,digitalSignature
@@ -599,6 +625,41 @@ fn make_ssl_files(install: &Install, dir: &Path, sans: &str) -> SslFiles {
         "-out",
         "server.crt",
     ]);
+    // The client certificate, for the user the tests connect as.
+    key("client.key");
+    openssl(&[
+        "req",
+        "-new",
+        "-config",
+        "openssl.cnf",
+        "-key",
+        "client.key",
+        "-subj",
+        "/CN=postgres",
+        "-out",
+        "client.csr",
+    ]);
+    let serial = format!("0x{:016x}", fastrand::u64(1..));
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-set_serial",
+        &serial,
+        "-days",
+        "2",
+        "-extfile",
+        "openssl.cnf",
+        "-extensions",
+        "client",
+        "-out",
+        "client.crt",
+    ]);
     for entry in fs::read_dir(dir).expect("list the tls dir") {
         install.give_to_server_user(&entry.expect("tls dir entry").path());
     }
@@ -611,6 +672,8 @@ fn make_ssl_files(install: &Install, dir: &Path, sans: &str) -> SslFiles {
         other_ca_cert: dir.join("other-ca.crt"),
         server_cert: dir.join("server.crt"),
         server_key,
+        client_cert: dir.join("client.crt"),
+        client_key: dir.join("client.key"),
     }
 }
 
