@@ -314,6 +314,9 @@ impl Log {
             if page.is_empty() {
                 break;
             }
+            if converted == 0 {
+                tracing::info!("converting the delivery log to one entry per notification (once; a crash resumes where it stopped)");
+            }
             let mut batch = sled::Batch::default();
             for (key, body) in &page {
                 let nkey = decode_key(key)?;
