@@ -174,6 +174,17 @@ fn walhook_connections_logged(pg: &PgCluster) -> Vec<String> {
         .collect()
 }
 
+/// Asserts the server logged a replication connection of walhook's (so the TLS settings
+/// reached that connection too), and returns every walhook connection line.
+fn assert_replication_logged(pg: &PgCluster) -> Vec<String> {
+    let lines = walhook_connections_logged(pg);
+    assert!(
+        lines.iter().any(|l| l.contains("replication connection")),
+        "no replication connection of walhook's in the server log:\n{lines:#?}"
+    );
+    lines
+}
+
 /// `psql` (libpq, the reference client) with `sslmode` and `sslrootcert` as in the URLs the
 /// tests give walhook: Ok(whether the session is encrypted) or Err(stderr).
 fn libpq_connects(pg: &PgCluster, mode: &str, root: &Path) -> Result<bool, String> {
@@ -238,11 +249,7 @@ async fn require_encrypts_sql_and_replication_and_streams() {
     assert_sessions_encrypted(&s.pg).await;
 
     // Every connection check and run made, the short-lived SQL ones included.
-    let lines = walhook_connections_logged(&s.pg);
-    assert!(
-        lines.iter().any(|l| l.contains("replication connection")),
-        "no replication connection of walhook's in the server log:\n{lines:#?}"
-    );
+    let lines = assert_replication_logged(&s.pg);
     assert!(
         lines.iter().any(|l| !l.contains("replication connection")),
         "no SQL connection of walhook's in the server log:\n{lines:#?}"
@@ -344,11 +351,7 @@ async fn verify_ca_checks_the_chain_but_not_the_host_name() {
     let _walhook = s.start_walhook_for(&url).await;
     assert_insert_notifies(&s, 1).await;
     assert_sessions_encrypted(&s.pg).await;
-    let lines = walhook_connections_logged(&s.pg);
-    assert!(
-        lines.iter().any(|l| l.contains("replication connection")),
-        "no replication connection of walhook's in the server log:\n{lines:#?}"
-    );
+    assert_replication_logged(&s.pg);
 
     // The chain is still checked.
     let wrong =
@@ -383,9 +386,5 @@ async fn a_client_certificate_authenticates_where_the_server_requires_one() {
     let _walhook = s.start_walhook_for(&url).await;
     assert_insert_notifies(&s, 1).await;
     assert_sessions_encrypted(&s.pg).await;
-    let lines = walhook_connections_logged(&s.pg);
-    assert!(
-        lines.iter().any(|l| l.contains("replication connection")),
-        "no replication connection of walhook's in the server log:\n{lines:#?}"
-    );
+    assert_replication_logged(&s.pg);
 }

@@ -591,75 +591,49 @@ fn make_ssl_files(install: &Install, dir: &Path, sans: &str) -> SslFiles {
     };
     ca("ca", "/CN=walhook test CA");
     ca("other-ca", "/CN=walhook unrelated test CA");
-    key("server.key");
-    openssl(&[
-        "req",
-        "-new",
-        "-config",
-        "openssl.cnf",
-        "-key",
-        "server.key",
-        "-subj",
-        "/CN=walhook test server",
-        "-out",
-        "server.csr",
-    ]);
-    let serial = format!("0x{:016x}", fastrand::u64(1..));
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-set_serial",
-        &serial,
-        "-days",
-        "2",
-        "-extfile",
-        "openssl.cnf",
-        "-extensions",
-        "server",
-        "-out",
-        "server.crt",
-    ]);
+    // A certificate `name`.crt for `subject`, with the `extensions` section of the config,
+    // signed by the CA.
+    let signed = |name: &str, subject: &str, extensions: &str| {
+        key(&format!("{name}.key"));
+        let (csr, crt) = (format!("{name}.csr"), format!("{name}.crt"));
+        let key = format!("{name}.key");
+        openssl(&[
+            "req",
+            "-new",
+            "-config",
+            "openssl.cnf",
+            "-key",
+            &key,
+            "-subj",
+            subject,
+            "-out",
+            &csr,
+        ]);
+        let serial = format!("0x{:016x}", fastrand::u64(1..));
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            &serial,
+            "-days",
+            "2",
+            "-extfile",
+            "openssl.cnf",
+            "-extensions",
+            extensions,
+            "-out",
+            &crt,
+        ]);
+    };
+    signed("server", "/CN=walhook test server", "server");
     // The client certificate, for the user the tests connect as.
-    key("client.key");
-    openssl(&[
-        "req",
-        "-new",
-        "-config",
-        "openssl.cnf",
-        "-key",
-        "client.key",
-        "-subj",
-        "/CN=postgres",
-        "-out",
-        "client.csr",
-    ]);
-    let serial = format!("0x{:016x}", fastrand::u64(1..));
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "client.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-set_serial",
-        &serial,
-        "-days",
-        "2",
-        "-extfile",
-        "openssl.cnf",
-        "-extensions",
-        "client",
-        "-out",
-        "client.crt",
-    ]);
+    signed("client", "/CN=postgres", "client");
     for entry in fs::read_dir(dir).expect("list the tls dir") {
         install.give_to_server_user(&entry.expect("tls dir entry").path());
     }
