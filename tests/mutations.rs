@@ -12,23 +12,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::support::{
-    rows_of, run_to_completion, signature_ok, Plan, Receiver, Recorded, Scenario, WAIT,
+    rows_of, run_to_completion, signature_ok, Plan, Receiver, Recorded, Scenario, CUSTOMER_CONFIG,
+    WAIT,
 };
 
 const CUSTOMERS: &str = "CREATE TABLE customers (id bigint PRIMARY KEY, email text, status text)";
-
-const CUSTOMER_CONFIG: &str = r#"
-[[event]]
-name = "customer_changed"
-table = "public.customers"
-on = ["insert", "update", "delete"]
-
-[[webhook]]
-id = "crm-sync"
-event = "customer_changed"
-url = "{receiver}/hooks/crm"
-secret = "{secret}"
-"#;
 
 /// About 10 kB of text that does not compress: long enough to be stored out of line.
 const BIG_TEXT: &str = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 320) i)";

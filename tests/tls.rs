@@ -13,22 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{rows_of, signature_ok, PgCluster, Scenario, Walhook, WAIT};
+use crate::support::{rows_of, signature_ok, PgCluster, Scenario, Walhook, CUSTOMER_CONFIG, WAIT};
 
 const CUSTOMERS: &str = "CREATE TABLE customers (id bigint PRIMARY KEY, email text)";
-
-const CONFIG: &str = r#"
-[[event]]
-name = "customer_changed"
-table = "public.customers"
-on = ["insert", "update", "delete"]
-
-[[webhook]]
-id = "crm-sync"
-event = "customer_changed"
-url = "{receiver}/hooks/crm"
-secret = "{secret}"
-"#;
 
 /// A refusal (bad certificate, no SSL on the server) is known at the handshake: well within
 /// this, and well within walhook's own 10 s connect timeout.
@@ -241,7 +228,7 @@ fn harness_certificates_behave_for_libpq() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn require_encrypts_sql_and_replication_and_streams() {
-    let s = Scenario::with_pg(PgCluster::start_with_ssl(), CUSTOMERS, CONFIG).await;
+    let s = Scenario::with_pg(PgCluster::start_with_ssl(), CUSTOMERS, CUSTOMER_CONFIG).await;
     let url = s.pg.url_with("sslmode=require");
     assert_check_passes(&s, &url).await;
     let _walhook = s.start_walhook_for(&url).await;
@@ -264,7 +251,7 @@ async fn require_encrypts_sql_and_replication_and_streams() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_full_with_the_right_ca_streams() {
-    let s = Scenario::with_pg(PgCluster::start_with_ssl(), CUSTOMERS, CONFIG).await;
+    let s = Scenario::with_pg(PgCluster::start_with_ssl(), CUSTOMERS, CUSTOMER_CONFIG).await;
     // The host is an IP address: it is matched against the certificate's IP SAN.
     let url = s.pg.url_with(&verify("verify-full", &s.pg.ssl().ca_cert));
     assert_check_passes(&s, &url).await;
@@ -276,7 +263,7 @@ async fn verify_full_with_the_right_ca_streams() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_full_with_an_unrelated_ca_is_refused() {
-    let s = Scenario::with_pg(PgCluster::start_with_ssl(), CUSTOMERS, CONFIG).await;
+    let s = Scenario::with_pg(PgCluster::start_with_ssl(), CUSTOMERS, CUSTOMER_CONFIG).await;
     let url =
         s.pg.url_with(&verify("verify-full", &s.pg.ssl().other_ca_cert));
     let mentions_certificate = |l: &str| l.to_lowercase().contains("certificate");
@@ -295,7 +282,7 @@ async fn verify_full_with_an_unrelated_ca_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn require_against_a_server_without_ssl_is_refused() {
-    let s = Scenario::new(CUSTOMERS, CONFIG).await;
+    let s = Scenario::new(CUSTOMERS, CUSTOMER_CONFIG).await;
     let url = s.pg.url_with("sslmode=require");
     // The option names (from an echoed URL or a hint) do not count as saying why.
     let mentions_tls = |l: &str| {
@@ -322,7 +309,7 @@ async fn require_against_a_server_without_ssl_is_refused() {
 async fn verify_full_checks_the_host_name() {
     // The certificate names only localhost.
     let pg = PgCluster::start_with_ssl_sans("DNS:localhost");
-    let s = Scenario::with_pg(pg, CUSTOMERS, CONFIG).await;
+    let s = Scenario::with_pg(pg, CUSTOMERS, CUSTOMER_CONFIG).await;
     let ca = s.pg.ssl().ca_cert.clone();
 
     let by_ip = s.pg.url_with(&verify("verify-full", &ca));
@@ -345,7 +332,7 @@ async fn verify_full_checks_the_host_name() {
 async fn verify_ca_checks_the_chain_but_not_the_host_name() {
     // The certificate names only localhost; the URL's host is 127.0.0.1.
     let pg = PgCluster::start_with_ssl_sans("DNS:localhost");
-    let s = Scenario::with_pg(pg, CUSTOMERS, CONFIG).await;
+    let s = Scenario::with_pg(pg, CUSTOMERS, CUSTOMER_CONFIG).await;
     let url = s.pg.url_with(&verify("verify-ca", &s.pg.ssl().ca_cert));
     assert_check_passes(&s, &url).await;
     let _walhook = s.start_walhook_for(&url).await;
@@ -365,7 +352,7 @@ async fn verify_ca_checks_the_chain_but_not_the_host_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_certificate_authenticates_where_the_server_requires_one() {
-    let s = Scenario::with_pg(PgCluster::start_with_ssl(), CUSTOMERS, CONFIG).await;
+    let s = Scenario::with_pg(PgCluster::start_with_ssl(), CUSTOMERS, CUSTOMER_CONFIG).await;
     s.pg.require_client_certificates().await;
     let ssl = s.pg.ssl().clone();
 

@@ -25,4 +25,4 @@ pub use process::{run_to_completion, write_config, Walhook};
 #[allow(unused_imports)]
 pub use receiver::{Answer, Plan, Receiver, Recorded};
 #[allow(unused_imports)]
-pub use scenario::{rows_of, seed, signature_ok, Scenario, SECRET, WAIT};
+pub use scenario::{rows_of, seed, signature_ok, Scenario, CUSTOMER_CONFIG, SECRET, WAIT};

@@ -209,3 +209,18 @@ pub fn rows_of(requests: &[Recorded], op: &str) -> Vec<serde_json::Value> {
         .flat_map(|b| b["rows"].as_array().cloned().unwrap_or_default())
         .collect()
 }
+
+/// One event on every change of `public.customers`, delivered to the webhook `crm-sync` at
+/// the receiver's `/hooks/crm` (for a table with an `id` primary key).
+pub const CUSTOMER_CONFIG: &str = r#"
+[[event]]
+name = "customer_changed"
+table = "public.customers"
+on = ["insert", "update", "delete"]
+
+[[webhook]]
+id = "crm-sync"
+event = "customer_changed"
+url = "{receiver}/hooks/crm"
+secret = "{secret}"
+"#;
