@@ -193,6 +193,7 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
         spill_marker: classification::spilled_at(&log)?,
         acked: confirmed,
         durable_tx,
+        in_flight: None,
     };
     tracing::info!(slot = %opts.slot, publication = %opts.publication, resume = %confirmed, "streaming");
     let result = stream.run(&mut assembler, &mut stop).await;
@@ -539,6 +540,19 @@ struct Stream<'a> {
     acked: Lsn,
     /// The last transaction flushed to the log.
     durable_tx: watch::Sender<Position>,
+    /// The group being written to the log while the stream reads and evaluates the next.
+    in_flight: Option<InFlight>,
+}
+
+/// A group written to the log on a blocking thread (sled's batch is most of a classified
+/// group's cost), so that the stream meanwhile receives the next transactions and evaluates
+/// them: their evaluation reads `state` as if it were in the log already. At most one is in
+/// flight; whatever reads the log otherwise (a recheck, a spilled transaction, the end of a
+/// session) waits for it first ([`Stream::settle`]).
+struct InFlight {
+    state: std::sync::Arc<classification::StateWrites>,
+    /// Publishes the group's position to the flusher once written.
+    job: tokio::task::JoinHandle<Result<(), LogError>>,
 }
 
 enum SessionEnd {
@@ -629,12 +643,12 @@ impl Stream<'_> {
                 // the live table (after the staged transactions, whose state comes first).
                 _ = until(self.classifier.next_recheck()) => {
                     if !staged.is_empty() {
-                        match self.write_staged(&mut staged).await? {
+                        match self.write_staged(&mut staged, &applied_tx).await? {
                             Ok(position) => applied = position,
                             Err(e) => break SessionEnd::Failed(e),
                         }
-                        applied_tx.send_replace(applied);
                     }
+                    self.settle().await?;
                     match self.recheck().await {
                         Ok(()) => {}
                         Err(ClassifyError::Transient(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
@@ -676,12 +690,12 @@ impl Stream<'_> {
                                 backoff.reset();
                                 // The transactions before it come first.
                                 if !staged.is_empty() {
-                                    match self.write_staged(&mut staged).await? {
+                                    match self.write_staged(&mut staged, &applied_tx).await? {
                                         Ok(position) => applied = position,
                                         Err(e) => break SessionEnd::Failed(e),
                                     }
-                                    applied_tx.send_replace(applied);
                                 }
+                                self.settle().await?;
                                 match self.write_spilled(committed).await {
                                     Ok(position) => applied = Some(position),
                                     Err(ClassifyError::Transient(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
@@ -708,11 +722,10 @@ impl Stream<'_> {
                                     self.spill_marker = None;
                                 }
                                 if staged.push(committed) {
-                                    match self.write_staged(&mut staged).await? {
+                                    match self.write_staged(&mut staged, &applied_tx).await? {
                                         Ok(position) => applied = position,
                                         Err(e) => break SessionEnd::Failed(e),
                                     }
-                                    applied_tx.send_replace(applied);
                                 }
                             }
                             // Already in the log: a replay after a restart.
@@ -741,11 +754,10 @@ impl Stream<'_> {
                 }
                 // Nothing else is ready: write the staged transactions.
                 _ = std::future::ready(()), if !staged.is_empty() => {
-                    match self.write_staged(&mut staged).await? {
+                    match self.write_staged(&mut staged, &applied_tx).await? {
                         Ok(position) => applied = position,
                         Err(e) => break SessionEnd::Failed(e),
                     }
-                    applied_tx.send_replace(applied);
                 }
             }
         };
@@ -753,17 +765,14 @@ impl Stream<'_> {
         // acknowledged for them, so dropping them is safe as well: the next session streams
         // them again).
         if !staged.is_empty() {
-            match staged.write(self.log, &mut self.classifier).await {
-                Ok(position) => {
-                    applied = position;
-                    applied_tx.send_replace(applied);
+            match self.write_staged(&mut staged, &applied_tx).await? {
+                Ok(position) => applied = position,
+                Err(e) => {
+                    tracing::warn!(error = %e, "classifications could not be evaluated; the transactions will be streamed again");
                 }
-                Err(ClassifyError::Transient(m)) => {
-                    tracing::warn!(error = %m, "classifications could not be evaluated; the transactions will be streamed again");
-                }
-                Err(e) => return Err(RunError::Stream(e.to_string())),
             }
         }
+        self.settle().await?;
 
         // Flush what this session appended, then acknowledge it before closing.
         drop(applied_tx);
@@ -784,16 +793,51 @@ impl Stream<'_> {
         Ok(end)
     }
 
-    /// Writes the staged group. The inner error is the database going away: the session
-    /// ends and the group, never acknowledged, is streamed again.
+    /// Evaluates the staged group's classifications, then has it written to the log in one
+    /// batch in the background ([`InFlight`]); returns the position it reaches, which the
+    /// job publishes to the flusher once written. The inner error is the database going
+    /// away: nothing was written, and the session ends; the group, never acknowledged, is
+    /// streamed again.
     async fn write_staged(
         &mut self,
         staged: &mut Staged,
+        applied_tx: &watch::Sender<Option<Position>>,
     ) -> Result<Result<Option<Position>, SourceError>, RunError> {
-        match staged.write(self.log, &mut self.classifier).await {
-            Ok(position) => Ok(Ok(position)),
-            Err(ClassifyError::Transient(m)) => Ok(Err(SourceError::Transient(m))),
-            Err(e) => Err(RunError::Stream(e.to_string())),
+        let group = std::mem::take(staged);
+        let pending = self.in_flight.as_ref().map(|f| f.state.clone());
+        let (transitions, state) = match self
+            .classifier
+            .evaluate(&group.classified, self.log, pending)
+            .await
+        {
+            Ok(derived) => derived,
+            Err(ClassifyError::Transient(m)) => return Ok(Err(SourceError::Transient(m))),
+            Err(e) => return Err(RunError::Stream(e.to_string())),
+        };
+        // The group before must be in the log before this one (its position is earlier).
+        self.settle().await?;
+        let mut notifications = group.notifications;
+        notifications.extend(transitions);
+        let state = std::sync::Arc::new(state);
+        let position = group.position;
+        let (log, written, applied) = (self.log.clone(), state.clone(), applied_tx.clone());
+        let job = tokio::task::spawn_blocking(move || {
+            log.append_with_state(&notifications, &written, position, now_ms())?;
+            applied.send_replace(position);
+            Ok(())
+        });
+        self.in_flight = Some(InFlight { state, job });
+        Ok(Ok(position))
+    }
+
+    /// Waits until the group in flight, if any, is written.
+    async fn settle(&mut self) -> Result<(), RunError> {
+        let Some(in_flight) = self.in_flight.take() else {
+            return Ok(());
+        };
+        match in_flight.job.await {
+            Ok(written) => Ok(written?),
+            Err(e) => Err(RunError::Stream(format!("writing to the log failed: {e}"))),
         }
     }
 
@@ -915,30 +959,6 @@ impl Staged {
         self.notifications.len() >= GROUP_NOTIFICATIONS
             || self.transactions >= GROUP_TRANSACTIONS
             || self.classified_rows >= GROUP_CLASSIFIED_ROWS
-    }
-
-    /// Evaluates the group's classifications, then writes it in one batch; returns the
-    /// position it reached. On an error nothing is written and the group is dropped (it was
-    /// not acknowledged: the stream sends it again).
-    async fn write(
-        &mut self,
-        log: &Log,
-        classifier: &mut Classifier,
-    ) -> Result<Option<Position>, ClassifyError> {
-        let position = self.position.take();
-        let classified = std::mem::take(&mut self.classified);
-        let notifications = std::mem::take(&mut self.notifications);
-        self.transactions = 0;
-        self.classified_rows = 0;
-        let (transitions, state) = classifier.evaluate(&classified, log).await?;
-        if transitions.is_empty() {
-            log.append_with_state(&notifications, &state, position, now_ms())?;
-        } else {
-            let mut all = notifications;
-            all.extend(transitions);
-            log.append_with_state(&all, &state, position, now_ms())?;
-        }
-        Ok(position)
     }
 }
 

@@ -16,6 +16,7 @@
 //! and it is compared with the stored value from before the transaction.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -562,7 +563,7 @@ pub struct Classifier {
     rechecks: Vec<(TableName, usize, tokio::time::Instant)>,
 }
 
-/// The state writes of a group: key → new record bytes (`None` removes).
+/// The state writes of a group: key → new record bytes (`None` removes), in key order.
 pub type StateWrites = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 impl Classifier {
@@ -727,11 +728,14 @@ impl Classifier {
             .collect()
     }
 
-    /// The notifications and state writes of `txns`, in commit order.
+    /// The notifications and state writes of `txns`, in commit order. `pending`: the state
+    /// writes of the group before, if they may not be in the log yet (it is being written
+    /// meanwhile); they are read as if they were.
     pub async fn evaluate(
         &mut self,
         txns: &[StagedTxn],
         log: &Log,
+        pending: Option<Arc<StateWrites>>,
     ) -> Result<(Vec<NewNotification>, StateWrites), ClassifyError> {
         if txns.iter().all(|t| t.changes.is_empty()) {
             return Ok((Vec::new(), Vec::new()));
@@ -740,7 +744,10 @@ impl Classifier {
             let client = self.db.connect().await?;
             self.evaluator = Some(Evaluator::new(client, false));
         }
-        let mut overlay = Overlay::default();
+        let mut overlay = Overlay {
+            pending,
+            ..Overlay::default()
+        };
         let result = self.derive(txns, log, &mut overlay, None).await;
         if matches!(result, Err(ClassifyError::Transient(_))) {
             self.evaluator = None;
@@ -879,7 +886,7 @@ impl Classifier {
                         ),
                         None => (key.as_str(), latest.get(key.as_str())),
                     };
-                    let image = fill(table, source, cells, previous, txn, log)?;
+                    let image = fill(table, source, cells, previous, txn, log, overlay)?;
                     latest.insert(key, image.clone());
                     images.push(image.clone());
                     labels.push(key.clone());
@@ -1307,6 +1314,12 @@ fn existing(
     if overlay.staged {
         pages(&staged_key(prefix), true)?;
     }
+    for (key, bytes) in overlay.pending_under(prefix) {
+        match bytes {
+            Some(bytes) => all.insert(key.clone(), decode(key, bytes)?),
+            None => all.remove(key),
+        };
+    }
     for (key, (packed, _)) in &overlay.rows {
         if key.starts_with(prefix) {
             all.insert(key.clone(), packed.clone());
@@ -1393,6 +1406,8 @@ struct Overlay {
     /// By state key: the row's records, and whether the transactions changed them.
     rows: HashMap<Vec<u8>, (Packed, bool)>,
     staged: bool,
+    /// The previous group's state writes, while they are being written to the log.
+    pending: Option<Arc<StateWrites>>,
 }
 
 impl Overlay {
@@ -1407,16 +1422,48 @@ impl Overlay {
         }
     }
 
+    /// The row under `key` as of the transactions derived so far, before this chunk: from
+    /// the staging area (a spilled transaction's earlier chunks), or else the log.
+    fn stored(&self, log: &Log, key: &[u8]) -> Result<Packed, LogError> {
+        match self.staged_row(log, key)? {
+            Some(packed) => Ok(packed),
+            None => self.committed(log, key),
+        }
+    }
+
+    /// The row under `key` as of before the transactions being derived: the pending writes
+    /// of the group before, or the store.
+    fn committed(&self, log: &Log, key: &[u8]) -> Result<Packed, LogError> {
+        if let Some(pending) = &self.pending {
+            if let Ok(at) = pending.binary_search_by(|(k, _)| k.as_slice().cmp(key)) {
+                return match &pending[at].1 {
+                    Some(bytes) => decode(key, bytes),
+                    None => Ok(Packed::default()),
+                };
+            }
+        }
+        match log.get_raw(key)? {
+            Some(bytes) => decode(key, &bytes),
+            None => Ok(Packed::default()),
+        }
+    }
+
+    /// The pending writes of keys starting with `prefix`.
+    fn pending_under<'a>(
+        &'a self,
+        prefix: &'a [u8],
+    ) -> impl Iterator<Item = &'a (Vec<u8>, Option<Vec<u8>>)> + 'a {
+        let pending = self.pending.as_deref().map_or(&[][..], |p| p.as_slice());
+        let from = pending.partition_point(|(k, _)| k.as_slice() < prefix);
+        pending[from..]
+            .iter()
+            .take_while(move |(k, _)| k.starts_with(prefix))
+    }
+
     /// The row under `key`, read once.
     fn row(&mut self, log: &Log, key: &[u8]) -> Result<&mut (Packed, bool), LogError> {
         if !self.rows.contains_key(key) {
-            let packed = match self.staged_row(log, key)? {
-                Some(packed) => packed,
-                None => match log.get_raw(key)? {
-                    Some(bytes) => decode(key, &bytes)?,
-                    None => Packed::default(),
-                },
-            };
+            let packed = self.stored(log, key)?;
             self.rows.insert(key.to_vec(), (packed, false));
         }
         Ok(self.rows.get_mut(key).expect("inserted above"))
@@ -1741,6 +1788,7 @@ fn fill(
     previous: Option<&Vec<Option<String>>>,
     txn: &StagedTxn,
     log: &Log,
+    overlay: &Overlay,
 ) -> Result<Vec<Option<String>>, LogError> {
     let mut records: Option<Vec<Record>> = None;
     let mut out = Vec::with_capacity(cells.len());
@@ -1754,10 +1802,7 @@ fn fill(
                 } else {
                     if records.is_none() {
                         let k = state::row_key(&table.table.to_string(), key);
-                        let packed = match log.get_raw(&k)? {
-                            Some(bytes) => decode(&k, &bytes)?,
-                            None => Packed::default(),
-                        };
+                        let packed = overlay.committed(log, &k)?;
                         let found = table
                             .classes
                             .iter()
