@@ -670,6 +670,22 @@ impl Stream<'_> {
                                 if !ready.is_empty() {
                                     self.log.append(&ready, None, now_ms())?;
                                 }
+                                let retyped = assembler.take_retyped();
+                                if !retyped.is_empty() {
+                                    // The transactions before are evaluated with the types
+                                    // their values have.
+                                    if !staged.is_empty() {
+                                        match self.write_staged(&mut staged, &applied_tx).await? {
+                                            Ok(position) => applied = position,
+                                            Err(e) => break SessionEnd::Failed(e),
+                                        }
+                                    }
+                                    match self.classifier.retype(&retyped).await {
+                                        Ok(()) => {}
+                                        Err(ClassifyError::Transient(m)) => break SessionEnd::Failed(SourceError::Transient(m)),
+                                        Err(e) => return Err(RunError::Stream(e.to_string())),
+                                    }
+                                }
                                 // A huge transaction's touched rows leave memory; so
                                 // does one that truncated a classified table (every
                                 // row of it is then gone: derived a page at a time).

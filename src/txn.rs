@@ -55,6 +55,10 @@ struct TableRoute {
     image: Option<Vec<String>>,
 }
 
+/// A classified table's image columns' types as the stream describes them: type OID and
+/// modifier, `None` where the relation lacks the column.
+pub type ColumnTypes = Vec<Option<(u32, i32)>>;
+
 /// A cached Relation message, resolved against the configured tables.
 struct RelationRoute {
     table: TableName,
@@ -98,6 +102,10 @@ pub struct Assembler {
     txn: Option<OpenTxn>,
     /// Transactions whose commit LSN is at or below this are already in the log.
     logged_through: u64,
+    /// Each classified table's image column types as the stream last described them.
+    image_types: HashMap<TableName, ColumnTypes>,
+    /// Classified tables whose image column types the stream described anew, not yet taken.
+    retyped: Vec<(TableName, ColumnTypes)>,
 }
 
 impl Assembler {
@@ -155,7 +163,16 @@ impl Assembler {
             relations: HashMap::new(),
             txn: None,
             logged_through,
+            image_types: HashMap::new(),
+            retyped: Vec::new(),
         }
+    }
+
+    /// The classified tables whose column types the stream described for the first time, or
+    /// differently from before (a column's type changed: its values now come in the new
+    /// type), with the image columns' types.
+    pub fn take_retyped(&mut self) -> Vec<(TableName, ColumnTypes)> {
+        std::mem::take(&mut self.retyped)
     }
 
     /// Forgets the session's state before a reconnect: the server resends Relation messages
@@ -311,7 +328,7 @@ impl Assembler {
             schema: relation.namespace.clone(),
             name: relation.name.clone(),
         };
-        let (key, image) = match self.tables.get(&table) {
+        let (key, image): (_, Option<Vec<Option<usize>>>) = match self.tables.get(&table) {
             None => (None, None),
             Some(route) => (
                 Some(key_positions(&table, &route.key, &relation)?),
@@ -323,6 +340,17 @@ impl Assembler {
                 }),
             ),
         };
+        if let Some(positions) = &image {
+            let types: ColumnTypes = positions
+                .iter()
+                .map(|at| at.map(|at| &relation.columns[at]))
+                .map(|c| c.map(|c| (c.type_oid, c.type_modifier)))
+                .collect();
+            if self.image_types.get(&table) != Some(&types) {
+                self.image_types.insert(table.clone(), types.clone());
+                self.retyped.push((table.clone(), types));
+            }
+        }
         self.relations
             .insert(relation.id, RelationRoute { table, key, image });
         Ok(())

@@ -119,6 +119,51 @@ async fn pk_change_keeps_unchanged_toast_in_a_spilled_transaction() {
     );
 }
 
+/// A column whose type changes while walhook runs is read as its new type from then on
+/// (the stream describes the table anew): a value the old type cannot hold still classifies.
+/// Before, `80.5` was cast to the old `int`, failed, and the row kept its old value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_type_change_mid_stream_is_followed() {
+    let setup = "CREATE TABLE scores (id bigint PRIMARY KEY, score int)";
+    let s = Scenario::new(setup, &config_any("high")).await;
+    let dir = dir_with(
+        &s,
+        "high",
+        "SELECT id FROM public.scores WHERE score > 80\n",
+    );
+    let walhook = s.start_walhook_with(&["--classifications", &dir]).await;
+    s.pg.exec("INSERT INTO scores VALUES (1, 10), (2, 90)")
+        .await;
+    assert_eq!(
+        settle(&s, 2).await,
+        vec!["null -> false [1]", "null -> true [2]"]
+    );
+    // In one transaction with the change, and in a later one.
+    s.pg.exec(
+        "BEGIN;
+         ALTER TABLE scores ALTER COLUMN score TYPE numeric;
+         UPDATE scores SET score = 80.5 WHERE id = 1;
+         COMMIT;",
+    )
+    .await;
+    s.pg.exec("UPDATE scores SET score = 79.5 WHERE id = 2")
+        .await;
+    assert_eq!(
+        settle(&s, 4).await,
+        vec![
+            "false -> true [1]",
+            "null -> false [1]",
+            "null -> true [2]",
+            "true -> false [2]"
+        ]
+    );
+    assert!(
+        walhook.log().contains("changed type"),
+        "the type change was not logged:\n{}",
+        walhook.log()
+    );
+}
+
 /// Baseline keys must equal stream keys (pgoutput's text) for char(n) keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bpchar_key_baseline_matches_stream() {

@@ -586,6 +586,64 @@ impl Classifier {
         }
     }
 
+    /// Follows column type changes the stream reported ([`crate::txn::Assembler::take_retyped`]):
+    /// a classified table's image columns are cast to the type the stream's values have now,
+    /// so that a value only the new type can hold (`80.5` after `int` became `numeric`)
+    /// still classifies. Transactions staged before the change must be written first.
+    pub async fn retype(
+        &mut self,
+        retyped: &[(TableName, crate::txn::ColumnTypes)],
+    ) -> Result<(), ClassifyError> {
+        if self.evaluator.is_none() {
+            let client = self.db.connect().await?;
+            self.evaluator = Some(Evaluator::new(client, false));
+        }
+        let Some(evaluator) = self.evaluator.as_ref() else {
+            return Err(ClassifyError::Transient("not connected".into()));
+        };
+        for (name, types) in retyped {
+            let Some(table) = self.tables.get_mut(name) else {
+                continue;
+            };
+            let (oids, modifiers): (Vec<u32>, Vec<i32>) = types.iter().flatten().copied().unzip();
+            let rows = evaluator
+                .client()
+                .query(
+                    "SELECT format_type(t, m) FROM unnest($1::oid[], $2::int4[]) \
+                     WITH ORDINALITY AS u(t, m, n) ORDER BY n",
+                    &[&oids, &modifiers],
+                )
+                .await
+                .map_err(SourceError::from)?;
+            let mut named = rows.iter().map(|row| row.get::<_, String>(0));
+            let mut changed = Vec::new();
+            for ((column, sql_type), streamed) in table.columns.iter_mut().zip(types) {
+                if streamed.is_none() {
+                    continue;
+                }
+                let Some(now) = named.next() else {
+                    break;
+                };
+                if *sql_type != now {
+                    tracing::info!(table = %name, column = %column, from = %sql_type, to = %now, "a classified column changed type: conditions read it as its new type from here on");
+                    changed.push((column.clone(), now.clone()));
+                    *sql_type = now;
+                }
+            }
+            // Dependencies name the table's columns with their types too.
+            for class in &mut table.classes {
+                for dep in &mut class.deps {
+                    for (column, sql_type) in &mut dep.base {
+                        if let Some((_, now)) = changed.iter().find(|(c, _)| c == column) {
+                            *sql_type = now.clone();
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// When the next recheck is due, if any classification has one.
     pub fn next_recheck(&self) -> Option<tokio::time::Instant> {
         self.rechecks.iter().map(|(_, _, due)| *due).min()
