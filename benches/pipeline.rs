@@ -60,6 +60,10 @@
 //!    walhook with the same event plus the five classification events (six webhooks), each
 //!    from spawn until its slot's `confirmed_flush_lsn` reaches the end. The ratio is
 //!    classified rows/s over mutation-only rows/s, rows counting inserts and updates.
+//!    Then the **store floor** ([`sled_floor`]): sled alone doing the classified run's state
+//!    reads and writes and its notification entries, shaped as the run (its data dir's
+//!    entries), with nothing else: `mutation-only / (mutation-only + floor)` bounds the
+//!    ratio of any design that keeps per-row state and per-notification entries in sled.
 //! 5. **Baseline**: a table `bench_baseline` of `baseline_rows` rows (the same columns,
 //!    `VACUUM ANALYZE`d), one classification, no slot: walhook creates the slot with an
 //!    exported snapshot and baselines from it, as on a first deployment. Timed from spawn
@@ -103,6 +107,10 @@ mod receiver;
 use pg::PgCluster;
 use process::{walhook_bin, write_config, Walhook};
 use receiver::{Plan, Receiver, Recorded};
+
+/// walhook's allocator (src/main.rs): the store floor of phase 4 runs sled as walhook does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The Standard Webhooks test-vector secret (any valid secret does).
 const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
@@ -714,7 +722,33 @@ impl Bench {
                 classified: c,
             });
         }
-        compare_classified(accounts, txns, rows, generate_s, &end, &prestarts, &runs)
+        let mut result =
+            compare_classified(accounts, txns, rows, generate_s, &end, &prestarts, &runs);
+        // The last classified run's data dir: its state, and its notifications (delivered).
+        let data = self
+            .work
+            .path()
+            .join(&slots[slots.len() - 1].1)
+            .join("data")
+            .join("log");
+        let scratch = self.work.path().join("sled-floor");
+        let notified = runs
+            .iter()
+            .filter_map(|r| r.classified.detail["notifications_received"].as_u64())
+            .max()
+            .unwrap_or(0);
+        let floor =
+            tokio::task::spawn_blocking(move || sled_floor(&data, &scratch, txns, notified))
+                .await
+                .expect("sled floor");
+        let mutation_s = result["mutation_only"]["mean_seconds"]
+            .as_f64()
+            .unwrap_or(0.0);
+        if let Some(floor_s) = floor["seconds"].as_f64() {
+            result["ratio_bound"] = json!(mutation_s / (mutation_s + floor_s));
+        }
+        result["sled_floor"] = floor;
+        result
     }
 
     /// Phase 5: walhook's first start with one classification of a table of `baseline_rows`
@@ -1330,6 +1364,144 @@ fn compare_classified(
     })
 }
 
+/// The store's share of the classified run, measured alone: sled doing only the writes that
+/// any design keeping per-row state in sled (as issue 3 asks) and one entry per notification
+/// must do, in the run's shape. A fresh tree with walhook's sled settings (`src/log.rs`) gets
+/// the classified run's state entries (copied from its data dir); then per transaction the
+/// four updated rows and the new one are read and written back (values of the stored size),
+/// plus the run's notifications per transaction as entries of its mean stored size, one
+/// batch per 128 transactions (walhook's group here: 256 mutation notifications). No
+/// flush, no decoding, no evaluation: a floor, not a model. `mutation-only seconds /
+/// (mutation-only seconds + this)` bounds the ratio any such design can reach here.
+fn sled_floor(data: &Path, scratch: &Path, txns: u64, notified: u64) -> Value {
+    let source = match sled::Config::new()
+        .path(data)
+        .segment_size(4 * 1024 * 1024)
+        .open()
+    {
+        Ok(db) => db,
+        Err(e) => return json!({ "error": format!("opening {}: {e}", data.display()) }),
+    };
+    let tree = source.open_tree("log").expect("the log tree");
+    let mut state: Vec<(sled::IVec, sled::IVec)> = Vec::new();
+    let (mut bodies, mut body_bytes) = (0u64, 0u64);
+    for entry in tree.iter() {
+        let (key, value) = entry.expect("reading the log");
+        match key.first() {
+            Some(b't') => state.push((key, value)),
+            Some(b'p' | b'd') => {
+                bodies += 1;
+                body_bytes += value.len() as u64;
+            }
+            _ => {}
+        }
+    }
+    drop(tree);
+    drop(source);
+    let Some((first_key, _)) = state.first() else {
+        return json!({ "error": "no state entries in the classified run's data dir" });
+    };
+    let prefix_len = first_key
+        .iter()
+        .position(|b| *b == 0)
+        .map_or(0, |at| at + 1);
+    let prefix = first_key[..prefix_len].to_vec();
+    let state_bytes = state.iter().map(|(_, v)| v.len()).sum::<usize>() / state.len();
+    let body = vec![b'x'; (body_bytes / bodies.max(1)) as usize];
+    let per_txn = notified as f64 / txns as f64;
+
+    let shape = Shape {
+        state: &state,
+        prefix: &prefix,
+        body: &body,
+        per_txn,
+        txns,
+    };
+    let seconds = floor_run(scratch, &shape, true);
+    let state_only = floor_run(scratch, &shape, false);
+    json!({
+        "seconds": seconds,
+        "state_only_seconds": state_only,
+        "state_entries": state.len(),
+        "state_entry_mean_bytes": state_bytes,
+        "notification_entry_mean_bytes": body.len(),
+        "notifications_per_transaction": per_txn,
+        "transactions": txns,
+    })
+}
+
+/// What [`floor_run`] writes: the run's state entries, the state key prefix, a notification
+/// entry's value, and how many per transaction.
+struct Shape<'a> {
+    state: &'a [(sled::IVec, sled::IVec)],
+    prefix: &'a [u8],
+    body: &'a [u8],
+    per_txn: f64,
+    txns: u64,
+}
+
+/// One timed pass of [`sled_floor`] on a fresh tree in `scratch`; `notifications`: whether
+/// the notification entries are written too (else the state alone).
+fn floor_run(scratch: &Path, shape: &Shape<'_>, notifications: bool) -> f64 {
+    let _ = std::fs::remove_dir_all(scratch);
+    let db = sled::Config::new()
+        .path(scratch)
+        .cache_capacity(64 * 1024 * 1024)
+        .segment_size(4 * 1024 * 1024)
+        .open()
+        .expect("a scratch sled");
+    let floor = db.open_tree("log").expect("the floor tree");
+    let existing = shape.state.len() as u64;
+    for chunk in shape.state.chunks(128) {
+        let mut batch = sled::Batch::default();
+        for (key, value) in chunk {
+            batch.insert(key.clone(), value.clone());
+        }
+        floor.apply_batch(batch).expect("preload");
+    }
+    let template = shape.state[0].1.to_vec();
+    let row_key = |id: u64| {
+        let mut key = shape.prefix.to_vec();
+        key.extend_from_slice(id.to_string().as_bytes());
+        key
+    };
+    let mut rng = fastrand::Rng::with_seed(7);
+    let (mut next_id, mut sequence, mut emitted) = (existing + 1, 0u64, 0f64);
+    let started = Instant::now();
+    for group in 0..shape.txns.div_ceil(128) {
+        let mut batch = sled::Batch::default();
+        for t in group * 128..((group + 1) * 128).min(shape.txns) {
+            let start = rng.u64(1..existing.saturating_sub(3).max(2));
+            for id in (start..start + 4).chain([next_id]) {
+                let key = row_key(id);
+                let mut value = floor
+                    .get(&key)
+                    .expect("read")
+                    .map_or_else(|| template.clone(), |v| v.to_vec());
+                if let Some(b) = value.last_mut() {
+                    *b = b.wrapping_add(1);
+                }
+                batch.insert(key, value);
+            }
+            next_id += 1;
+            // The run's notifications, spread evenly over its transactions.
+            while notifications && emitted < shape.per_txn * (t + 1) as f64 {
+                emitted += 1.0;
+                sequence += 1;
+                let mut key = b"p".to_vec();
+                key.extend_from_slice(&sequence.to_be_bytes());
+                batch.insert(key, shape.body);
+            }
+        }
+        floor.apply_batch(batch).expect("write");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    drop(floor);
+    drop(db);
+    let _ = std::fs::remove_dir_all(scratch);
+    seconds
+}
+
 /// The accounts table of the classification phases.
 fn accounts_table(name: &str) -> String {
     format!(
@@ -1530,6 +1702,20 @@ fn render(r: &Value) -> String {
             format!(">= {TARGET_CLASS_RATIO}"),
             yes(&c["target_met"]),
         );
+        let floor = &c["sled_floor"];
+        if let Some(seconds) = floor["seconds"].as_f64() {
+            let _ = writeln!(
+                s,
+                "{:<30} {:>7.2} s: sled alone, the classified run's state reads/writes and notification entries \
+                 ({:.2} s of it the state alone); ratio bound mutation-only / (mutation-only + it) = {:.2}",
+                "  store floor",
+                seconds,
+                f(&floor["state_only_seconds"]),
+                f(&c["ratio_bound"]),
+            );
+        } else if !floor.is_null() {
+            let _ = writeln!(s, "  store floor: not measured: {}", floor["error"]);
+        }
     }
     let b = &r["baseline"];
     if !b.is_null() {
