@@ -48,7 +48,9 @@ const POSITION: &[u8] = b"mposition";
 const ORIGIN: &[u8] = b"morigin";
 /// The layout this version writes (the first had no such key); a newer one is refused.
 const LAYOUT: &[u8] = b"mlayout";
-const LAYOUT_VERSION: u8 = 2;
+/// 2: one entry per notification; 3: a delivered entry may hold its successful attempt
+/// (see [`delivered_value`]), which layout 2 cannot read. A layout 2 log is read as is.
+const LAYOUT_VERSION: u8 = 3;
 /// Lets sled's epoch-based reclamation catch up after a batch of `writes` entries: every
 /// write leaves the page it replaced (or more) for later, and crossbeam-epoch, which sled
 /// uses, frees at most 8 bags of 64 such leftovers per collection, run every 128th pin. One
@@ -286,6 +288,10 @@ impl Log {
         };
         match log.tree.get(LAYOUT)?.as_deref() {
             Some([version]) if *version == LAYOUT_VERSION => {}
+            // Nothing to convert: its delivered entries are a special case of this layout's.
+            Some([2]) => {
+                log.tree.insert(LAYOUT, &[LAYOUT_VERSION])?;
+            }
             None => {
                 log.convert_first_layout()?;
                 log.tree.insert(LAYOUT, &[LAYOUT_VERSION])?;
@@ -325,7 +331,7 @@ impl Log {
                 if let Some(status) = self.tree.get(&pending_key)? {
                     batch.insert(pending_key, pending_value(&status, body));
                 } else if let Some(at) = self.tree.get(&delivered_key)? {
-                    batch.insert(delivered_key, delivered_value(decode_ms(&at), body));
+                    batch.insert(delivered_key, delivered_value(decode_ms(&at), None, body));
                 }
                 // Neither: left over from a transaction cut short, never deliverable.
                 batch.remove(key);
@@ -572,10 +578,11 @@ impl Log {
         if let Some(value) = self.tree.get(&pending_key)? {
             return Ok(Some(decode_pending(&pending_key, &value)?.1.to_vec()));
         }
-        Ok(self
-            .tree
-            .get(key.encode(DELIVERED))?
-            .map(|value| value.get(8..).unwrap_or_default().to_vec()))
+        let delivered_key = key.encode(DELIVERED);
+        match self.tree.get(&delivered_key)? {
+            Some(value) => Ok(Some(split_delivered(&delivered_key, &value)?.body.to_vec())),
+            None => Ok(None),
+        }
     }
 
     /// Records an attempt and its consequence.
@@ -605,7 +612,6 @@ impl Log {
         // Pending entries as this batch leaves them (None: moved to delivered).
         let mut pending: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
         for (key, attempt, after) in outcomes {
-            batch.insert(key.attempt_key(attempt.number), encode_json(attempt));
             let pending_key = key.encode(PENDING);
             let value = match pending.get(&pending_key) {
                 Some(value) => value.clone(),
@@ -614,20 +620,28 @@ impl Log {
             let Some(value) = value else {
                 // Not pending (delivered by an earlier round, or cut short): keep the
                 // attempt record only.
+                batch.insert(key.attempt_key(attempt.number), encode_json(attempt));
                 continue;
             };
             let (mut status, body) = decode_pending(&pending_key, &value)?;
             if status.round != attempt.round {
                 stale += 1;
+                batch.insert(key.attempt_key(attempt.number), encode_json(attempt));
                 continue;
             }
             if let AfterAttempt::Delivered = after {
-                // Only the body moves on. (Pruning removes only delivered notifications, so
-                // an attempted one is never pruned under it.)
-                batch.insert(key.encode(DELIVERED), delivered_value(attempt.at_ms, body));
+                // The body moves on, with the successful attempt: one entry fewer per
+                // delivery, and the common case is a first attempt's success. (Pruning
+                // removes only delivered notifications, so an attempted one is never
+                // pruned under it.)
+                batch.insert(
+                    key.encode(DELIVERED),
+                    delivered_value(attempt.at_ms, Some(attempt), body),
+                );
                 pending.insert(pending_key, None);
                 continue;
             }
+            batch.insert(key.attempt_key(attempt.number), encode_json(attempt));
             status.attempts = status.attempts.max(attempt.number);
             status.round_failures += 1;
             match after {
@@ -672,6 +686,9 @@ impl Log {
     /// One notification with its state and attempts.
     pub fn detail(&self, key: &NotificationKey) -> Result<Option<Detail>, LogError> {
         let pending_key = key.encode(PENDING);
+        let delivered_key = key.encode(DELIVERED);
+        // A delivered entry's own successful attempt.
+        let mut successful = None;
         let (state, body) = if let Some(value) = self.tree.get(&pending_key)? {
             let (status, body) = decode_pending(&pending_key, &value)?;
             let body = body.to_vec();
@@ -680,20 +697,22 @@ impl Log {
             } else {
                 (State::Pending(status), body)
             }
-        } else if let Some(value) = self.tree.get(key.encode(DELIVERED))? {
-            let at_ms = decode_ms(&value);
-            (
-                State::Delivered { at_ms },
-                value.get(8..).unwrap_or_default().to_vec(),
-            )
+        } else if let Some(value) = self.tree.get(&delivered_key)? {
+            let entry = split_delivered(&delivered_key, &value)?;
+            if let Some(json) = entry.attempt {
+                successful = Some(decode_json::<Attempt>(&delivered_key, json)?);
+            }
+            (State::Delivered { at_ms: entry.at_ms }, entry.body.to_vec())
         } else {
             return Ok(None);
         };
-        let mut attempts = Vec::new();
+        let mut attempts: Vec<Attempt> = Vec::new();
         for entry in self.tree.scan_prefix(key.encode(ATTEMPT)) {
             let (k, value) = entry?;
             attempts.push(decode_json(&k, &value)?);
         }
+        attempts.extend(successful);
+        attempts.sort_by_key(|a| a.number);
         Ok(Some(Detail {
             key: key.clone(),
             body,
@@ -709,6 +728,7 @@ impl Log {
         let Some(detail) = self.detail(key)? else {
             return Ok(false);
         };
+        let was_delivered = matches!(detail.state, State::Delivered { .. });
         let (attempts, created_ms, round) = match detail.state {
             State::Pending(s) | State::Dead(s) => (s.attempts, s.created_ms, s.round),
             State::Delivered { .. } => (
@@ -730,6 +750,12 @@ impl Log {
             key.encode(PENDING),
             pending_value(&encode_json(&status), &detail.body),
         );
+        if was_delivered {
+            // The successful attempt leaves with the delivered entry: keep it on record.
+            for attempt in &detail.attempts {
+                batch.insert(key.attempt_key(attempt.number), encode_json(attempt));
+            }
+        }
         batch.remove(key.encode(DELIVERED));
         self.tree.apply_batch(batch)?;
         Ok(true)
@@ -807,6 +833,9 @@ impl Log {
                 Some(&DELIVERED) => {
                     counts.notifications += 1;
                     counts.delivered += 1;
+                    if decode_ms_raw(&value) & WITH_ATTEMPT != 0 {
+                        counts.attempts += 1;
+                    }
                 }
                 Some(&ATTEMPT) => counts.attempts += 1,
                 Some(&PENDING) => {
@@ -882,13 +911,22 @@ fn decode_key(key: &[u8]) -> Result<NotificationKey, LogError> {
     })
 }
 
+/// A `d` value's delivered-at time.
 fn decode_ms(value: &[u8]) -> u64 {
+    decode_ms_raw(value) & !WITH_ATTEMPT
+}
+
+/// A `d` value's first 8 bytes, flag included.
+fn decode_ms_raw(value: &[u8]) -> u64 {
     value
         .get(..8)
         .and_then(|b| b.try_into().ok())
         .map(u64::from_be_bytes)
         .unwrap_or(0)
 }
+
+/// In a `d` value's time: the successful attempt follows.
+const WITH_ATTEMPT: u64 = 1 << 63;
 
 /// A `p` value: the Status JSON's length (4 bytes, big-endian), the JSON, the body.
 fn pending_value(status_json: &[u8], body: &[u8]) -> Vec<u8> {
@@ -920,12 +958,60 @@ fn decode_pending<'a>(key: &[u8], value: &'a [u8]) -> Result<(Status, &'a [u8]),
     Ok((decode_json(key, json)?, body))
 }
 
-/// A `d` value: when it was delivered (8 bytes, big-endian ms), the body.
-fn delivered_value(at_ms: u64, body: &[u8]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(8 + body.len());
-    value.extend_from_slice(&at_ms.to_be_bytes());
+/// A `d` value: when it was delivered (8 bytes, big-endian ms, with [`WITH_ATTEMPT`] set
+/// when the successful attempt follows as its JSON's length (4 bytes, big-endian) and the
+/// JSON), then the body. Layout 2 wrote no attempt.
+fn delivered_value(at_ms: u64, attempt: Option<&Attempt>, body: &[u8]) -> Vec<u8> {
+    let attempt = attempt.map(encode_json);
+    let mut value = Vec::with_capacity(12 + attempt.as_ref().map_or(0, Vec::len) + body.len());
+    match &attempt {
+        Some(json) => {
+            value.extend_from_slice(&(at_ms | WITH_ATTEMPT).to_be_bytes());
+            value.extend_from_slice(&(json.len() as u32).to_be_bytes());
+            value.extend_from_slice(json);
+        }
+        None => value.extend_from_slice(&at_ms.to_be_bytes()),
+    }
     value.extend_from_slice(body);
     value
+}
+
+/// A `d` value's parts.
+struct DeliveredEntry<'a> {
+    at_ms: u64,
+    /// The successful attempt's JSON, if the entry holds it.
+    attempt: Option<&'a [u8]>,
+    body: &'a [u8],
+}
+
+fn split_delivered<'a>(key: &[u8], value: &'a [u8]) -> Result<DeliveredEntry<'a>, LogError> {
+    let corrupt = || LogError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: "delivered entry shorter than its header says".into(),
+    };
+    let head = value
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(corrupt)?;
+    if head & WITH_ATTEMPT == 0 {
+        return Ok(DeliveredEntry {
+            at_ms: head,
+            attempt: None,
+            body: &value[8..],
+        });
+    }
+    let len = value
+        .get(8..12)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(corrupt)? as usize;
+    let json = value.get(12..12 + len).ok_or_else(corrupt)?;
+    Ok(DeliveredEntry {
+        at_ms: head & !WITH_ATTEMPT,
+        attempt: Some(json),
+        body: &value[12 + len..],
+    })
 }
 
 fn encode_json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -970,6 +1056,81 @@ mod tests {
             payload_sha256: "00".into(),
             round: 0,
         }
+    }
+
+    /// Raw entries of `kind` (for counting what a change writes).
+    fn entries_of(log: &Log, kind: u8) -> usize {
+        log.tree.scan_prefix([kind]).count()
+    }
+
+    #[test]
+    fn a_delivery_keeps_its_successful_attempt_in_the_delivered_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path()).expect("open");
+        log.append(&[note("h", 1, 0), note("h", 1, 1)], None, 0)
+            .expect("append");
+        let (k0, k1) = (key("h", 1, 0), key("h", 1, 1));
+        log.record_attempt(&k0, &attempt(1, 200), AfterAttempt::Delivered)
+            .expect("first try");
+        log.record_attempt(
+            &k1,
+            &attempt(1, 503),
+            AfterAttempt::RetryAt { next_at_ms: 5 },
+        )
+        .expect("failure");
+        log.record_attempt(&k1, &attempt(2, 200), AfterAttempt::Delivered)
+            .expect("second try");
+        // One `a` entry: the failure. The successes live in their `d` entries.
+        assert_eq!(entries_of(&log, ATTEMPT), 1);
+        assert_eq!(log.counts().expect("counts").attempts, 3);
+        let d0 = log.detail(&k0).expect("detail").expect("exists");
+        assert!(matches!(d0.state, State::Delivered { at_ms: 1001 }));
+        assert_eq!(d0.attempts, vec![attempt(1, 200)]);
+        assert_eq!(d0.body, note("h", 1, 0).body);
+        assert_eq!(log.body(&k0).expect("body"), Some(note("h", 1, 0).body));
+        let d1 = log.detail(&k1).expect("detail").expect("exists");
+        assert_eq!(d1.attempts, vec![attempt(1, 503), attempt(2, 200)]);
+
+        // A redelivery keeps the successful attempt on record as its own entry.
+        assert!(log.redeliver(&k0, 60).expect("redeliver"));
+        let again = log.detail(&k0).expect("detail").expect("exists");
+        assert!(matches!(again.state, State::Pending(_)));
+        assert_eq!(again.attempts, vec![attempt(1, 200)]);
+        assert_eq!(again.body, note("h", 1, 0).body);
+        // Pruning removes a delivered entry with its attempts, embedded or not.
+        assert_eq!(log.prune_delivered(u64::MAX).expect("prune"), 1);
+        assert_eq!(
+            entries_of(&log, ATTEMPT),
+            1,
+            "k0's attempt stays: it is pending"
+        );
+    }
+
+    #[test]
+    fn a_layout_2_log_reads_as_before_and_is_marked_3() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let n = note("h", 7, 0);
+        {
+            let log = Log::open(dir.path()).expect("open");
+            // What layout 2 wrote for a delivered notification: time, body; its attempt apart.
+            let mut old = 4242u64.to_be_bytes().to_vec();
+            old.extend_from_slice(&n.body);
+            log.write_raw(&[
+                (n.key.encode(DELIVERED), Some(old)),
+                (n.key.attempt_key(1), Some(encode_json(&attempt(1, 200)))),
+                (LAYOUT.to_vec(), Some(vec![2])),
+            ])
+            .expect("layout 2");
+        }
+        let log = Log::open(dir.path()).expect("reopen");
+        assert_eq!(
+            log.get_raw(LAYOUT).expect("layout").as_deref(),
+            Some(&[3u8][..])
+        );
+        let d = log.detail(&n.key).expect("detail").expect("exists");
+        assert!(matches!(d.state, State::Delivered { at_ms: 4242 }));
+        assert_eq!(d.body, n.body);
+        assert_eq!(d.attempts, vec![attempt(1, 200)]);
     }
 
     #[test]
