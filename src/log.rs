@@ -9,10 +9,12 @@
 //! ```text
 //! b'p' hook \0 lsn ordinal            → pending or dead: Status (attempts so far, next due
 //!                                        time), then the body (the exact HTTP body)
-//! b'd' hook \0 lsn ordinal            → delivered: at (ms since the Unix epoch), then the body
-//! b'a' hook \0 lsn ordinal attempt    → Attempt record
+//! b'd' hook \0 lsn ordinal            → delivered: at (ms since the Unix epoch), the
+//!                                        successful attempt, then the body
+//! b'a' hook \0 lsn ordinal attempt    → Attempt record (a delivered entry holds its own
+//!                                        successful attempt instead)
 //! b'm' "position"                     → commit LSN and end LSN of the last logged transaction
-//! b'm' "layout"                       → this layout's version (2; the first had none)
+//! b'm' "layout"                       → this layout's version (3; the first had none)
 //! b'm' "origin", "recheck", "applying", "spilling" → the database and slot; recheck
 //!                                        numbering; a spilled transaction's progress
 //! b't' ..., b'c' ..., b'q' ...          → the row state store (see `crate::state`)
@@ -24,7 +26,9 @@
 //! a tree insert, and at thousands of notifications a second these inserts are most of the
 //! stream's work. (The first layout kept the body apart under `b'n'`; [`Log::open`]
 //! converts it.) A `p` value is a 4-byte big-endian length, that many bytes of Status JSON,
-//! then the body; a `d` value is 8 bytes of big-endian milliseconds, then the body.
+//! then the body; a `d` value is 8 bytes of big-endian milliseconds (the top bit set when
+//! the successful attempt follows: a 4-byte length and its JSON; layout 2 had none), then
+//! the body.
 //!
 //! Progress invariant: the position key is written in the same batch as the last
 //! notifications of its transaction, and the replication slot is acknowledged only after a

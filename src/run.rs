@@ -546,9 +546,11 @@ struct Stream<'a> {
 
 /// A group written to the log on a blocking thread (sled's batch is most of a classified
 /// group's cost), so that the stream meanwhile receives the next transactions and evaluates
-/// them: their evaluation reads `state` as if it were in the log already. At most one is in
-/// flight; whatever reads the log otherwise (a recheck, a spilled transaction, the end of a
-/// session) waits for it first ([`Stream::settle`]).
+/// them: their evaluation reads `state` as if it were in the log already. (sled 0.34 holds a
+/// tree-wide lock while it applies a batch, so the next group's reads of other rows wait for
+/// the batch; receiving, decoding and PostgreSQL's evaluation do overlap it.) At most one is
+/// in flight; whatever reads the log otherwise (a recheck, a spilled transaction, the end of
+/// a session) waits for it first ([`Stream::settle`]).
 struct InFlight {
     state: std::sync::Arc<classification::StateWrites>,
     /// Publishes the group's position to the flusher once written.

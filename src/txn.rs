@@ -181,6 +181,10 @@ impl Assembler {
     /// written when the session failed must not be skipped.
     pub fn reset(&mut self, logged_through: u64) {
         self.relations.clear();
+        // The session may have ended before the classifier took in a type change: the next
+        // session's Relation messages report every table's types afresh.
+        self.image_types.clear();
+        self.retyped.clear();
         self.txn = None;
         self.logged_through = logged_through;
     }

@@ -601,47 +601,11 @@ impl Classifier {
         let Some(evaluator) = self.evaluator.as_ref() else {
             return Err(ClassifyError::Transient("not connected".into()));
         };
-        for (name, types) in retyped {
-            let Some(table) = self.tables.get_mut(name) else {
-                continue;
-            };
-            let (oids, modifiers): (Vec<u32>, Vec<i32>) = types.iter().flatten().copied().unzip();
-            let rows = evaluator
-                .client()
-                .query(
-                    "SELECT format_type(t, m) FROM unnest($1::oid[], $2::int4[]) \
-                     WITH ORDINALITY AS u(t, m, n) ORDER BY n",
-                    &[&oids, &modifiers],
-                )
-                .await
-                .map_err(SourceError::from)?;
-            let mut named = rows.iter().map(|row| row.get::<_, String>(0));
-            let mut changed = Vec::new();
-            for ((column, sql_type), streamed) in table.columns.iter_mut().zip(types) {
-                if streamed.is_none() {
-                    continue;
-                }
-                let Some(now) = named.next() else {
-                    break;
-                };
-                if *sql_type != now {
-                    tracing::info!(table = %name, column = %column, from = %sql_type, to = %now, "a classified column changed type: conditions read it as its new type from here on");
-                    changed.push((column.clone(), now.clone()));
-                    *sql_type = now;
-                }
-            }
-            // Dependencies name the table's columns with their types too.
-            for class in &mut table.classes {
-                for dep in &mut class.deps {
-                    for (column, sql_type) in &mut dep.base {
-                        if let Some((_, now)) = changed.iter().find(|(c, _)| c == column) {
-                            *sql_type = now.clone();
-                        }
-                    }
-                }
-            }
+        let result = retype_tables(evaluator, &mut self.tables, retyped).await;
+        if matches!(result, Err(ClassifyError::Transient(_))) {
+            self.evaluator = None;
         }
-        Ok(())
+        result
     }
 
     /// When the next recheck is due, if any classification has one.
@@ -1300,6 +1264,44 @@ impl Classifier {
     }
 }
 
+/// [`Classifier::retype`]'s work. Only the images' casts change: dependency lookups query
+/// the live table, so they keep its types.
+async fn retype_tables(
+    evaluator: &Evaluator,
+    tables: &mut BTreeMap<TableName, ClassifiedTable>,
+    retyped: &[(TableName, crate::txn::ColumnTypes)],
+) -> Result<(), ClassifyError> {
+    for (name, types) in retyped {
+        let Some(table) = tables.get_mut(name) else {
+            continue;
+        };
+        let (oids, modifiers): (Vec<u32>, Vec<i32>) = types.iter().flatten().copied().unzip();
+        let rows = evaluator
+            .client()
+            .query(
+                "SELECT format_type(t, m) FROM unnest($1::oid[], $2::int4[]) \
+                     WITH ORDINALITY AS u(t, m, n) ORDER BY n",
+                &[&oids, &modifiers],
+            )
+            .await
+            .map_err(SourceError::from)?;
+        let mut named = rows.iter().map(|row| row.get::<_, String>(0));
+        for ((column, sql_type), streamed) in table.columns.iter_mut().zip(types) {
+            if streamed.is_none() {
+                continue;
+            }
+            let Some(now) = named.next() else {
+                break;
+            };
+            if *sql_type != now {
+                tracing::info!(table = %name, column = %column, from = %sql_type, to = %now, "a classified column changed type: conditions read it as its new type from here on");
+                *sql_type = now;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A row's value as a transition side. A row whose condition has never evaluated cleanly
 /// still has its last known value: it did not exist.
 fn side_of(record: Option<&Record>) -> Side {
@@ -1429,7 +1431,9 @@ impl Existing {
         }
         // A spilled transaction's earlier chunks only changed rows that exist in the store
         // (its new rows come from this table's own chunks, after the TRUNCATE's), so the
-        // store's keys, with the staged writes over them, are all of them.
+        // store's keys, with the staged writes over them, are all of them. (No group is in
+        // flight then: the stream settles it before a spilled transaction.)
+        debug_assert!(overlay.pending.is_none());
         let page = log.scan_raw(&self.prefix, &self.from, EVALUATION_BATCH)?;
         let Some((last, _)) = page.last() else {
             self.done = true;
