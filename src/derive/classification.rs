@@ -1127,7 +1127,45 @@ impl Classifier {
                         };
                         let mut prefix = state::dependency_prefix(&class.name);
                         prefix.push(d as u8);
-                        if changes.truncated {
+                        if changes.truncated && spilled.is_some() {
+                            // Every pointer of the table is gone: a page at a time, each
+                            // page's base rows re-evaluated and written out before the next
+                            // (memory holds one page).
+                            let again = Reevaluation {
+                                log,
+                                base_name,
+                                base,
+                                class,
+                                c,
+                                base_changes: txn.changes.tables.get(base_name),
+                                in_scratch,
+                            };
+                            let mut scan = Existing::new(&prefix, state::POINTER, true);
+                            while let Some(page) = scan.next(log, overlay, true)? {
+                                let mut pointed_page = Vec::with_capacity(page.len());
+                                for (key, record) in page {
+                                    pointed_page.push((
+                                        d,
+                                        record.columns.into_iter().map(|(_, v)| v).collect(),
+                                    ));
+                                    overlay.set(log, &key, state::POINTER, None)?;
+                                }
+                                again
+                                    .run(evaluator, overlay, &pointed_page, &mut groups)
+                                    .await?;
+                                if let Some(ordinals) = spilled.as_deref_mut() {
+                                    let notes = emit(
+                                        &txn.ctx,
+                                        std::mem::take(&mut groups),
+                                        ordinals,
+                                        0,
+                                        false,
+                                    );
+                                    log.append(&notes, None, crate::log::now_ms())?;
+                                    overlay.stage(log)?;
+                                }
+                            }
+                        } else if changes.truncated {
                             for (key, record) in existing(log, &prefix, state::POINTER, overlay)? {
                                 pointed.push((
                                     d,
@@ -1180,74 +1218,16 @@ impl Classifier {
                     if pointed.is_empty() {
                         continue;
                     }
-                    let base_changes = txn.changes.tables.get(base_name);
-                    let mut seen = HashSet::new();
-                    for (d, dep) in class.deps.iter().enumerate() {
-                        let mut values: Vec<Vec<Option<String>>> = pointed
-                            .iter()
-                            .filter(|(pd, _)| *pd == d)
-                            .map(|(_, v)| v.clone())
-                            .collect();
-                        values.sort();
-                        values.dedup();
-                        if values.is_empty() {
-                            continue;
-                        }
-                        // Which base rows: found live (by the key values); evaluated on
-                        // their stored images, as of the stream's position.
-                        let rows = match pointed_rows(evaluator.client(), base, dep, &values).await
-                        {
-                            Ok(rows) => rows,
-                            Err(ClassifyError::Definite(m)) => {
-                                tracing::error!(classification = %class.name, dependency = %dep.constraint, error = %m, "finding the rows a changed row points to failed; they keep their values until their next change or recheck");
-                                continue;
-                            }
-                            Err(e) => return Err(e),
-                        };
-                        let mut candidates = Vec::new();
-                        for row in rows {
-                            if touched_in(base_name, base_changes, &row)?
-                                || !seen.insert(row.clone())
-                            {
-                                continue;
-                            }
-                            let key = state::row_key(&base_name.to_string(), &row);
-                            // Rows the stream has not seen yet are its to report.
-                            if let Some(record) = overlay.record(log, &key, &class.name)? {
-                                candidates.push((row, key, record));
-                            }
-                        }
-                        if candidates.is_empty() {
-                            continue;
-                        }
-                        let images: Vec<Vec<Option<String>>> = candidates
-                            .iter()
-                            .map(|(_, _, record)| {
-                                base.columns
-                                    .iter()
-                                    .map(|(name, _)| record.column(name).cloned().flatten())
-                                    .collect()
-                            })
-                            .collect();
-                        let labels: Vec<String> =
-                            candidates.iter().map(|(row, _, _)| row.clone()).collect();
-                        let values = evaluator.evaluate(base, Some(c), &images, &labels).await?;
-                        for ((row, key, mut record), value) in candidates.into_iter().zip(values) {
-                            let (to, known) = match value[c] {
-                                Known::True => (Side::True, Known::True),
-                                Known::False => (Side::False, Known::False),
-                                Known::Unknown => continue,
-                            };
-                            let from = side_of(Some(&record));
-                            if from == to {
-                                continue;
-                            }
-                            let row_json = serde_json::from_str(&row).unwrap_or(Value::String(row));
-                            add(&mut groups, class, row_json, from, to);
-                            record.value = known;
-                            overlay.set(log, &key, &class.name, Some(record))?;
-                        }
-                    }
+                    let again = Reevaluation {
+                        log,
+                        base_name,
+                        base,
+                        class,
+                        c,
+                        base_changes: txn.changes.tables.get(base_name),
+                        in_scratch,
+                    };
+                    again.run(evaluator, overlay, &pointed, &mut groups).await?;
                 }
             }
             // A webhook's own mutation notifications of the transaction come first.
@@ -1261,6 +1241,113 @@ impl Classifier {
             notifications.extend(emit_links(&txn.ctx, links, ordinals));
         }
         Ok(notifications)
+    }
+}
+
+/// Re-evaluates the rows of one classification's table that changed rows of the tables its
+/// condition depends on pointed to (before) or point to (after), live, and records their
+/// transitions.
+struct Reevaluation<'a> {
+    log: &'a Log,
+    base_name: &'a TableName,
+    base: &'a ClassifiedTable,
+    class: &'a ClassSpec,
+    /// The classification's index in `base`.
+    c: usize,
+    /// The transaction's own changes of `base` (its rows are judged on their images).
+    base_changes: Option<&'a TableChanges>,
+    /// A spilled transaction: which rows it touched is in the scratch area.
+    in_scratch: bool,
+}
+
+impl<'a> Reevaluation<'a> {
+    /// Whether the transaction itself changed `row` of the base table.
+    fn touched(&self, row: &str) -> Result<bool, LogError> {
+        if self.in_scratch {
+            Ok(self
+                .log
+                .get_raw(&scratch_key(self.base_name, row))?
+                .is_some())
+        } else {
+            Ok(self.base_changes.is_some_and(|c| c.index.contains_key(row)))
+        }
+    }
+
+    /// `pointed`: (dependency index, the values naming base rows).
+    async fn run(
+        &self,
+        evaluator: &mut Evaluator,
+        overlay: &mut Overlay,
+        pointed: &[(usize, Vec<Option<String>>)],
+        groups: &mut Groups<'a>,
+    ) -> Result<(), ClassifyError> {
+        let mut seen = HashSet::new();
+        for (d, dep) in self.class.deps.iter().enumerate() {
+            let mut values: Vec<Vec<Option<String>>> = pointed
+                .iter()
+                .filter(|(pd, _)| *pd == d)
+                .map(|(_, v)| v.clone())
+                .collect();
+            values.sort();
+            values.dedup();
+            if values.is_empty() {
+                continue;
+            }
+            // Which base rows: found live (by the key values); evaluated on
+            // their stored images, as of the stream's position.
+            let rows = match pointed_rows(evaluator.client(), self.base, dep, &values).await {
+                Ok(rows) => rows,
+                Err(ClassifyError::Definite(m)) => {
+                    tracing::error!(classification = %self.class.name, dependency = %dep.constraint, error = %m, "finding the rows a changed row points to failed; they keep their values until their next change or recheck");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut candidates = Vec::new();
+            for row in rows {
+                if self.touched(&row)? || !seen.insert(row.clone()) {
+                    continue;
+                }
+                let key = state::row_key(&self.base_name.to_string(), &row);
+                // Rows the stream has not seen yet are its to report.
+                if let Some(record) = overlay.record(self.log, &key, &self.class.name)? {
+                    candidates.push((row, key, record));
+                }
+            }
+            if candidates.is_empty() {
+                continue;
+            }
+            let images: Vec<Vec<Option<String>>> = candidates
+                .iter()
+                .map(|(_, _, record)| {
+                    self.base
+                        .columns
+                        .iter()
+                        .map(|(name, _)| record.column(name).cloned().flatten())
+                        .collect()
+                })
+                .collect();
+            let labels: Vec<String> = candidates.iter().map(|(row, _, _)| row.clone()).collect();
+            let values = evaluator
+                .evaluate(self.base, Some(self.c), &images, &labels)
+                .await?;
+            for ((row, key, mut record), value) in candidates.into_iter().zip(values) {
+                let (to, known) = match value[self.c] {
+                    Known::True => (Side::True, Known::True),
+                    Known::False => (Side::False, Known::False),
+                    Known::Unknown => continue,
+                };
+                let from = side_of(Some(&record));
+                if from == to {
+                    continue;
+                }
+                let row_json = serde_json::from_str(&row).unwrap_or(Value::String(row));
+                add(groups, self.class, row_json, from, to);
+                record.value = known;
+                overlay.set(self.log, &key, &self.class.name, Some(record))?;
+            }
+        }
+        Ok(())
     }
 }
 
