@@ -1117,6 +1117,15 @@ impl Classifier {
                     if txn.ctx.lsn < class.active_from || class.deps.is_empty() {
                         continue;
                     }
+                    let again = Reevaluation {
+                        log,
+                        base_name,
+                        base,
+                        class,
+                        c,
+                        base_changes: txn.changes.tables.get(base_name),
+                        in_scratch,
+                    };
                     let mut pointed: Vec<(usize, Vec<Option<String>>)> = Vec::new();
                     for (d, dep) in class.deps.iter().enumerate() {
                         let (Some(changes), Some(watched)) = (
@@ -1131,15 +1140,6 @@ impl Classifier {
                             // Every pointer of the table is gone: a page at a time, each
                             // page's base rows re-evaluated and written out before the next
                             // (memory holds one page).
-                            let again = Reevaluation {
-                                log,
-                                base_name,
-                                base,
-                                class,
-                                c,
-                                base_changes: txn.changes.tables.get(base_name),
-                                in_scratch,
-                            };
                             let mut scan = Existing::new(&prefix, state::POINTER, true);
                             while let Some(page) = scan.next(log, overlay, true)? {
                                 let mut pointed_page = Vec::with_capacity(page.len());
@@ -1218,15 +1218,6 @@ impl Classifier {
                     if pointed.is_empty() {
                         continue;
                     }
-                    let again = Reevaluation {
-                        log,
-                        base_name,
-                        base,
-                        class,
-                        c,
-                        base_changes: txn.changes.tables.get(base_name),
-                        in_scratch,
-                    };
                     again.run(evaluator, overlay, &pointed, &mut groups).await?;
                 }
             }
