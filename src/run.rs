@@ -132,7 +132,17 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
     // for; anything else is a problem for the user to fix.
     let mut backoff = Backoff::new();
     let (infos, confirmed, classified) = loop {
-        match prepare(&db, &opts, &tables, &log, &config, &classifications).await {
+        // A stop is honoured here too: a baseline of a large table can take minutes.
+        // Nothing is lost by dropping it half-way: a classification's baseline counts only
+        // once it is complete, and an unfinished one starts over on the next start.
+        let prepared = tokio::select! {
+            prepared = prepare(&db, &opts, &tables, &log, &config, &classifications) => prepared,
+            _ = requested(&mut stop) => {
+                tracing::info!("stopped before streaming; an unfinished baseline starts over on the next start");
+                return Ok(());
+            }
+        };
+        match prepared {
             Ok(ready) => break ready,
             Err(PrepareError::Definite(e)) => return Err(RunError::Source(e)),
             Err(PrepareError::Transient(e)) => {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{Scenario, WAIT};
+use crate::support::{Scenario, Walhook, WAIT};
 
 /// All hooks `any -> any` on one classification.
 fn config_any(classification: &str) -> String {
@@ -162,6 +162,43 @@ async fn a_column_type_change_mid_stream_is_followed() {
         "the type change was not logged:\n{}",
         walhook.log()
     );
+}
+
+/// SIGTERM during a baseline (before streaming) stops walhook at once, exit status 0; the
+/// next start baselines again, silently, and the stream then judges changes against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_baseline_exits_and_the_next_start_baselines_again() {
+    let setup = "CREATE TABLE t (id bigint PRIMARY KEY, status text);
+                 INSERT INTO t SELECT i, 'x' FROM generate_series(1, 3000) i;";
+    let s = Scenario::new(setup, &config_any("slow")).await;
+    // A millisecond or more per row (the subquery names the row, so it runs for each): the
+    // baseline takes seconds.
+    let dir = dir_with(
+        &s,
+        "slow",
+        "SELECT id FROM public.t WHERE status = 'a' OR (SELECT false FROM pg_sleep(0.001 + 0 * t.id))\n",
+    );
+    let mut args = s.run_args();
+    args.extend(["--classifications".to_string(), dir.clone()]);
+    let mut first = Walhook::spawn(&args, &[]);
+    first.wait_log_contains("baseline started", WAIT).await;
+    first.sigterm();
+    let status = first.wait_exit(Duration::from_secs(5)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "no clean exit within 5 s of SIGTERM ({status:?}):\n{}",
+        first.log()
+    );
+    assert!(
+        first.log().contains("stopped before streaming"),
+        "{}",
+        first.log()
+    );
+    assert!(!first.log().contains("baseline done"), "{}", first.log());
+
+    let _second = s.start_walhook_with(&["--classifications", &dir]).await;
+    s.pg.exec("UPDATE t SET status = 'a' WHERE id = 42").await;
+    assert_eq!(settle(&s, 1).await, vec!["false -> true [42]"]);
 }
 
 /// Baseline keys must equal stream keys (pgoutput's text) for char(n) keys.
