@@ -43,6 +43,7 @@ sql() { psql -q -X -v ON_ERROR_STOP=1 "$url" -c "$1"; }
 sql "CREATE TABLE customers (id bigint PRIMARY KEY, email text NOT NULL, status text NOT NULL);
      CREATE TABLE order_lines (order_id int, line int, sku text, PRIMARY KEY (order_id, line));
      CREATE TABLE contracts (id bigint PRIMARY KEY, customer_id bigint REFERENCES customers);
+     CREATE INDEX ON contracts (customer_id);
      INSERT INTO customers VALUES (9, 'old@example.com', 'active');"
 
 # A classification: which customers are active (the existing customer 9 is baselined

@@ -49,6 +49,51 @@ async fn check(s: &Scenario, dir: &Path) -> (bool, Vec<String>) {
     (status.success(), errors)
 }
 
+/// A foreign key a condition follows with no index on its columns makes every lookup a scan
+/// (the baseline goes quadratic): `check` (and `run`) say so in one line with the fix, and
+/// stop saying it once the index exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_foreign_key_without_an_index_is_named_with_the_fix() {
+    // Only classifications an event uses are planned.
+    let config = format!(
+        "{CONFIG}\n[[event]]\nname = \"became_active\"\nclassification = \"customer_active\"\n\
+         from = \"false\"\nto = \"true\"\n\n[[webhook]]\nid = \"lifecycle\"\nevent = \"became_active\"\n\
+         url = \"{{receiver}}/hooks\"\nsecret = \"{{secret}}\"\n"
+    );
+    let s = Scenario::new(SCHEMA, &config).await;
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/classifications");
+    let args = [
+        "check".to_string(),
+        "--database-url".into(),
+        s.pg.url(),
+        "--config".into(),
+        s.config.display().to_string(),
+        "--classifications".into(),
+        examples.display().to_string(),
+    ];
+    let warned = |stderr: &str| {
+        stderr
+            .lines()
+            .filter(|l| l.contains("no index on contracts (customer_id)"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let (status, _, stderr) = run_to_completion(&args, &[], WAIT).await;
+    assert!(status.success(), "{stderr}");
+    let lines = warned(&stderr);
+    assert!(!lines.is_empty(), "no warning:\n{stderr}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("fix: CREATE INDEX ON contracts (customer_id)")),
+        "{lines:#?}"
+    );
+    s.pg.exec("CREATE INDEX ON contracts (customer_id)").await;
+    let (status, _, stderr) = run_to_completion(&args, &[], WAIT).await;
+    assert!(status.success(), "{stderr}");
+    assert!(warned(&stderr).is_empty(), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_examples_pass_every_check() {
     let s = Scenario::new(SCHEMA, CONFIG).await;

@@ -673,7 +673,15 @@ async fn dependencies(
                        JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum), \
                     (SELECT array_agg(a.attname::text ORDER BY k.ord) \
                        FROM unnest(con.confkey) WITH ORDINALITY AS k(attnum, ord) \
-                       JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum) \
+                       JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum), \
+                    EXISTS (SELECT FROM pg_index i WHERE i.indrelid = con.conrelid \
+                              AND (i.indkey::int2[])[0:cardinality(con.conkey) - 1] @> con.conkey \
+                              AND (i.indkey::int2[])[0:cardinality(con.conkey) - 1] <@ con.conkey), \
+                    con.conrelid::regclass::text, \
+                    format('CREATE INDEX ON %s (%s)', con.conrelid::regclass, \
+                           (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord) \
+                              FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord) \
+                              JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum)) \
              FROM pg_constraint con \
              JOIN pg_class o ON o.oid = CASE WHEN con.conrelid = $1 THEN con.confrelid ELSE con.conrelid END \
              JOIN pg_namespace n ON n.oid = o.relnamespace \
@@ -696,6 +704,19 @@ async fn dependencies(
         }
         let fk: Vec<String> = row.get(4);
         let referenced: Vec<String> = row.get(5);
+        let indexed: bool = row.get(6);
+        if !indexed {
+            // The condition looks rows up by the foreign key's columns (and walhook finds the
+            // base rows a changed row points to by them): without an index each lookup scans
+            // the table, once per row.
+            let referencing: String = row.get(7);
+            let fix: String = row.get(8);
+            tracing::warn!(
+                "{}: no index on {referencing} ({}), the foreign key {constraint} the condition follows: the baseline and every re-evaluation scan {referencing} once per row; fix: {fix}",
+                c.path.display(),
+                fk.join(", "),
+            );
+        }
         // The base table's columns on its side of the key, and the other table's.
         let (base, via) = if base_refers {
             (fk, referenced)
