@@ -29,9 +29,9 @@ url = "{receiver}/hooks"
 secret = "{secret}"
 "#;
 
-/// `walhook check` with `--classifications dir`: (success, error lines).
-async fn check(s: &Scenario, dir: &Path) -> (bool, Vec<String>) {
-    let args = [
+/// The arguments of `walhook check` with `--classifications dir`.
+fn check_args(s: &Scenario, dir: &Path) -> [String; 7] {
+    [
         "check".to_string(),
         "--database-url".into(),
         s.pg.url(),
@@ -39,8 +39,12 @@ async fn check(s: &Scenario, dir: &Path) -> (bool, Vec<String>) {
         s.config.display().to_string(),
         "--classifications".into(),
         dir.display().to_string(),
-    ];
-    let (status, _, stderr) = run_to_completion(&args, &[], WAIT).await;
+    ]
+}
+
+/// `walhook check` with `--classifications dir`: (success, error lines).
+async fn check(s: &Scenario, dir: &Path) -> (bool, Vec<String>) {
+    let (status, _, stderr) = run_to_completion(&check_args(s, dir), &[], WAIT).await;
     let errors = stderr
         .lines()
         .filter_map(|l| l.strip_prefix("walhook: error: "))
@@ -62,15 +66,7 @@ async fn a_followed_foreign_key_without_an_index_is_named_with_the_fix() {
     );
     let s = Scenario::new(SCHEMA, &config).await;
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/classifications");
-    let args = [
-        "check".to_string(),
-        "--database-url".into(),
-        s.pg.url(),
-        "--config".into(),
-        s.config.display().to_string(),
-        "--classifications".into(),
-        examples.display().to_string(),
-    ];
+    let args = check_args(&s, &examples);
     let warned = |stderr: &str| {
         stderr
             .lines()
