@@ -947,13 +947,15 @@ fn split_pending<'a>(key: &[u8], value: &'a [u8]) -> Result<(&'a [u8], &'a [u8])
         key: String::from_utf8_lossy(key).into_owned(),
         reason: "pending entry shorter than its header says".into(),
     };
-    let len = value
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_be_bytes)
-        .ok_or_else(corrupt)? as usize;
-    let json = value.get(4..4 + len).ok_or_else(corrupt)?;
-    Ok((json, &value[4 + len..]))
+    length_prefixed(value).ok_or_else(corrupt)
+}
+
+/// A 4-byte big-endian length, that many bytes, the rest: the JSON section of `p` and `d`
+/// values. `None` when `bytes` is shorter than its length says.
+fn length_prefixed(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let json = bytes.get(4..4 + len)?;
+    Some((json, &bytes[4 + len..]))
 }
 
 /// The Status and the body of a `p` value.
@@ -1005,16 +1007,11 @@ fn split_delivered<'a>(key: &[u8], value: &'a [u8]) -> Result<DeliveredEntry<'a>
             body: &value[8..],
         });
     }
-    let len = value
-        .get(8..12)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_be_bytes)
-        .ok_or_else(corrupt)? as usize;
-    let json = value.get(12..12 + len).ok_or_else(corrupt)?;
+    let (json, body) = length_prefixed(&value[8..]).ok_or_else(corrupt)?;
     Ok(DeliveredEntry {
         at_ms: head & !WITH_ATTEMPT,
         attempt: Some(json),
-        body: &value[12 + len..],
+        body,
     })
 }
 
