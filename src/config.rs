@@ -25,6 +25,8 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
 /// How long delivered notifications and their attempts are kept.
 /// sled keeps an index of the whole log in memory, so delivered entries are not kept long.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// The row state cache's default size (`[state] cache_mb`).
+pub const DEFAULT_STATE_CACHE_MB: usize = 64;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -36,6 +38,9 @@ pub struct Config {
     /// Delivered notifications, with their attempts, are pruned this long after delivery.
     /// Pending and dead ones are kept.
     pub retention: Duration,
+    /// `[state] cache_mb`: how much memory the row state cache may take, in bytes (an
+    /// estimate; 0 disables it).
+    pub state_cache_bytes: usize,
 }
 
 /// A classification event: a row's value of a classification going from one state to
@@ -235,6 +240,8 @@ struct RawConfig {
     webhooks: Vec<RawWebhook>,
     #[serde(default)]
     delivery: RawDelivery,
+    #[serde(default)]
+    state: RawState,
 }
 
 #[derive(Deserialize)]
@@ -270,6 +277,12 @@ struct RawWebhook {
 #[serde(deny_unknown_fields)]
 struct RawDelivery {
     retention: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    cache_mb: Option<usize>,
 }
 
 /// `secret = "whsec_..."` or, while rotating, `secret = ["whsec_new", "whsec_old"]`.
@@ -580,6 +593,11 @@ fn validate(
         transitions,
         webhooks,
         retention,
+        state_cache_bytes: raw
+            .state
+            .cache_mb
+            .unwrap_or(DEFAULT_STATE_CACHE_MB)
+            .saturating_mul(1 << 20),
     }
 }
 
@@ -789,6 +807,29 @@ mod tests {
         assert_eq!(audit.max_in_flight, 1);
         assert_eq!(audit.max_rows, DEFAULT_MAX_ROWS);
         assert_eq!(config.retention, Duration::from_secs(86400));
+        assert_eq!(config.state_cache_bytes, DEFAULT_STATE_CACHE_MB << 20);
+    }
+
+    #[test]
+    fn the_state_cache_size_is_set_in_megabytes_and_checked() {
+        let base = "[[event]]\nname = \"e\"\ntable = \"t\"\non = [\"insert\"]\n\n[[webhook]]\nid = \"h\"\nevent = \"e\"\nurl = \"http://127.0.0.1:9/\"\nsecret = \"whsec_dGVzdHNlY3JldA==\"\n";
+        let config = Config::from_toml(
+            &format!("{base}\n[state]\ncache_mb = 0\n"),
+            "walhook.toml",
+            |_| None,
+        )
+        .expect("valid config");
+        assert_eq!(config.state_cache_bytes, 0);
+        let config = Config::from_toml(
+            &format!("{base}\n[state]\ncache_mb = 8\n"),
+            "walhook.toml",
+            |_| None,
+        )
+        .expect("valid config");
+        assert_eq!(config.state_cache_bytes, 8 << 20);
+        let p = problems(&format!("{base}\n[state]\ncache = 8\n"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("unknown field `cache`"), "{}", p[0]);
     }
 
     #[test]

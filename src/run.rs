@@ -197,7 +197,7 @@ pub async fn run(opts: RunOptions, mut stop: Stop) -> Result<(), RunError> {
         db: &db,
         opts: &opts,
         log: &log,
-        classifier: Classifier::new(classified, db.clone()),
+        classifier: Classifier::new(classified, db.clone(), config.state_cache_bytes),
         spilled: None,
         hooks: config.webhooks.iter().map(|w| w.id.clone()).collect(),
         spill_marker: classification::spilled_at(&log)?,
@@ -562,7 +562,7 @@ struct Stream<'a> {
 /// in flight; whatever reads the log otherwise (a recheck, a spilled transaction, the end of
 /// a session) waits for it first ([`Stream::settle`]).
 struct InFlight {
-    state: std::sync::Arc<classification::StateWrites>,
+    state: std::sync::Arc<classification::RowWrites>,
     /// Publishes the group's position to the flusher once written.
     job: tokio::task::JoinHandle<Result<(), LogError>>,
 }
@@ -579,6 +579,7 @@ impl Stream<'_> {
             // Committed transactions not written yet are streamed again.
             let logged = self.log.position()?.map_or(0, |p| p.commit_lsn);
             assembler.reset(logged);
+            self.classifier.forget_cached();
             self.spilled = None;
             match self.session(assembler, stop, &mut backoff).await? {
                 SessionEnd::Stopped => return Ok(()),
@@ -850,6 +851,7 @@ impl Stream<'_> {
         let position = group.position;
         let (log, written, applied) = (self.log.clone(), state.clone(), applied_tx.clone());
         let job = tokio::task::spawn_blocking(move || {
+            let written = classification::encode_rows(&written);
             log.append_with_state(&notifications, &written, position, now_ms())?;
             applied.send_replace(position);
             Ok(())

@@ -406,6 +406,7 @@ impl Assembler {
                     let after = image(positions, tuple, old);
                     match &moved {
                         Some(old_row) => changes.moved(old_row.clone(), row.clone(), after),
+                        None if op == Op::Insert => changes.insert(row.clone(), after),
                         None => changes.touch(row.clone(), Some(after), op == Op::Update),
                     }
                 }

@@ -305,6 +305,8 @@ struct Steps<'a> {
     classification: &'a str,
     table: &'a str,
     seen: BTreeSet<String>,
+    /// Only these webhooks' notifications (all when empty).
+    hooks: &'a [&'a str],
 }
 
 impl<'a> Steps<'a> {
@@ -314,12 +316,28 @@ impl<'a> Steps<'a> {
             classification,
             table,
             seen: BTreeSet::new(),
+            hooks: &[],
         }
+    }
+
+    /// Steps that look only at `hooks`' notifications (when several classifications run).
+    fn of_hooks(mut self, hooks: &'a [&'a str]) -> Steps<'a> {
+        self.hooks = hooks;
+        self
     }
 
     /// Notifications with a webhook-id no earlier step saw.
     fn fresh(&self) -> Vec<Note> {
-        notes(&self.s.receiver.requests(), self.classification, self.table)
+        let requests: Vec<Recorded> = self
+            .s
+            .receiver
+            .requests()
+            .into_iter()
+            .filter(|r| {
+                self.hooks.is_empty() || self.hooks.iter().any(|h| r.path == format!("/hooks/{h}"))
+            })
+            .collect();
+        notes(&requests, self.classification, self.table)
             .into_iter()
             .filter(|n| !self.seen.contains(&n.webhook_id))
             .collect()
@@ -924,6 +942,46 @@ async fn a_changed_classification_is_baselined_again_silently() {
     .await;
     st.run("UPDATE customers SET status = 'trial' WHERE id = 1", &[])
         .await;
+}
+
+/// A row inserted while walhook was stopped, before a classification is added: the new
+/// classification's baseline (at a later snapshot) holds the row, and the stream, replaying
+/// the insert for the classification that was there, must keep that record rather than
+/// take the inserted row for one with no state at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_inserted_before_a_later_baseline_keeps_the_new_baselines_record() {
+    let first = [hook("all", "customer_active", Side::Any, Side::Any)];
+    let setup = format!("{CUSTOMERS} INSERT INTO customers VALUES (1, 'active', NULL);");
+    let s = Scenario::new(&setup, &config(&first)).await;
+    let dir = classification_dir(&s, &[("customer_active", CUSTOMER_ACTIVE)]);
+    let mut walhook = start(&s, &dir).await;
+    let mut all = Steps::new(&s, "customer_active", "public.customers").of_hooks(&["all"]);
+    let mut live = Steps::new(&s, "customer_live", "public.customers").of_hooks(&["live"]);
+    all.run(
+        "UPDATE customers SET status = 'trial' WHERE id = 1",
+        &[("all", T, F, &[1])],
+    )
+    .await;
+    walhook.sigterm();
+    assert!(walhook.wait_exit(WAIT).await.is_some_and(|s| s.success()));
+
+    s.pg.exec("INSERT INTO customers VALUES (4, 'active', NULL)")
+        .await;
+    classification_dir(&s, &[("customer_live", CUSTOMER_ACTIVE)]);
+    s.rewrite_config(&config(&[
+        hook("all", "customer_active", Side::Any, Side::Any),
+        hook("live", "customer_live", Side::Any, Side::Any),
+    ]));
+    walhook.restart();
+    walhook.wait_log_count(STREAMING, 2).await;
+    // The insert is streamed again for customer_active only; customer_live baselined it.
+    all.expect("after the restart", &[("all", N, T, &[4])])
+        .await;
+    live.expect("after the restart", &[]).await;
+    s.pg.exec("UPDATE customers SET status = 'churned' WHERE id = 4")
+        .await;
+    all.expect("row 4 churned", &[("all", T, F, &[4])]).await;
+    live.expect("row 4 churned", &[("live", T, F, &[4])]).await;
 }
 
 /// The rows of every transition (from, to) of `hook` among the notifications with an id not

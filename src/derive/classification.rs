@@ -49,6 +49,9 @@ pub struct RowChange {
     /// The row got here by a primary key update from this key: its unchanged TOAST values
     /// are that row's.
     pub moved_from: Option<String>,
+    /// The transaction's first touch of the row was an INSERT, with no TRUNCATE of the
+    /// table before it: the row did not exist before the transaction.
+    pub inserted: bool,
 }
 
 /// One table's touched rows in a transaction, in order of first touch.
@@ -90,8 +93,21 @@ impl TableChanges {
                         after,
                         updated,
                         moved_from: None,
+                        inserted: false,
                     },
                 ));
+            }
+        }
+    }
+
+    /// Records a row an INSERT wrote.
+    pub fn insert(&mut self, row: Value, after: Vec<Cell>) {
+        let first = !self.index.contains_key(&row.to_string());
+        let truncated = self.truncated;
+        self.touch(row, Some(after), false);
+        if first && !truncated {
+            if let Some((_, change)) = self.rows.last_mut() {
+                change.inserted = true;
             }
         }
     }
@@ -561,13 +577,95 @@ pub struct Classifier {
     evaluator: Option<Evaluator>,
     /// When each rechecked classification (table, index) is next due.
     rechecks: Vec<(TableName, usize, tokio::time::Instant)>,
+    /// Rows the stream met recently, as the log holds them once the group in flight is
+    /// written.
+    cache: StateCache,
 }
 
-/// The state writes of a group: key → new record bytes (`None` removes), in key order.
+/// State writes: key → new record bytes (`None` removes), in key order.
 pub type StateWrites = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
+/// A group's state writes, decoded (an empty row removes the key), in key order: shared
+/// by the writer, which encodes them, and the next group's evaluation, which reads them
+/// while they are being written.
+pub type RowWrites = Vec<(Vec<u8>, Arc<Packed>)>;
+
+/// Encodes a group's state writes for the log.
+pub fn encode_rows(rows: &RowWrites) -> StateWrites {
+    rows.iter()
+        .map(|(key, packed)| (key.clone(), packed.stored()))
+        .collect()
+}
+
+/// Decoded rows of the state store, each as the log holds it once the group in flight is
+/// written: a row the stream met recently is read without sled (whose reads wait while the
+/// writer applies a batch) and without decoding. Every row a group read or wrote goes in
+/// when the group is handed to the writer; rows leave at random once the estimated size
+/// passes the budget. Whatever writes the store another way (a recheck, a spilled
+/// transaction) empties it.
+#[derive(Default)]
+pub struct StateCache {
+    rows: HashMap<Vec<u8>, Arc<Packed>>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl StateCache {
+    pub fn new(budget: usize) -> StateCache {
+        StateCache {
+            budget,
+            ..StateCache::default()
+        }
+    }
+
+    fn weight(key: &[u8], packed: &Packed) -> usize {
+        key.len() + packed.weight() + 64
+    }
+
+    fn get(&self, key: &[u8]) -> Option<&Packed> {
+        self.rows.get(key).map(|p| p.as_ref())
+    }
+
+    /// Takes a row out (a group about to change it puts it back when handed over).
+    fn take(&mut self, key: &[u8]) -> Option<Packed> {
+        let packed = self.rows.remove(key)?;
+        self.bytes = self.bytes.saturating_sub(Self::weight(key, &packed));
+        Some(Arc::try_unwrap(packed).unwrap_or_else(|shared| (*shared).clone()))
+    }
+
+    fn put(&mut self, key: Vec<u8>, packed: Arc<Packed>) {
+        if self.budget == 0 {
+            return;
+        }
+        let weight = Self::weight(&key, &packed);
+        if let Some(old) = self.rows.insert(key.clone(), packed) {
+            self.bytes = self.bytes.saturating_sub(Self::weight(&key, &old));
+        }
+        self.bytes += weight;
+        if self.bytes > self.budget {
+            // Down to three quarters, so that this runs once per quarter of the budget.
+            let target = self.budget / 4 * 3;
+            let mut bytes = self.bytes;
+            self.rows.retain(|key, packed| {
+                if bytes <= target {
+                    return true;
+                }
+                bytes = bytes.saturating_sub(Self::weight(key, packed));
+                false
+            });
+            self.bytes = bytes;
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.rows.clear();
+        self.bytes = 0;
+    }
+}
+
 impl Classifier {
-    pub fn new(tables: Vec<ClassifiedTable>, db: Database) -> Classifier {
+    /// `cache_bytes`: the row state cache's budget (0: none).
+    pub fn new(tables: Vec<ClassifiedTable>, db: Database, cache_bytes: usize) -> Classifier {
         let now = tokio::time::Instant::now();
         let rechecks = tables
             .iter()
@@ -583,6 +681,7 @@ impl Classifier {
             db,
             evaluator: None,
             rechecks,
+            cache: StateCache::new(cache_bytes),
         }
     }
 
@@ -622,6 +721,8 @@ impl Classifier {
         log: &Log,
         at: &TxnContext,
     ) -> Result<(Vec<NewNotification>, StateWrites), ClassifyError> {
+        // The store changes under the cache once these writes are.
+        self.cache.clear();
         let now = tokio::time::Instant::now();
         let due: Vec<(TableName, usize)> = self
             .rechecks
@@ -757,8 +858,8 @@ impl Classifier {
         &mut self,
         txns: &[StagedTxn],
         log: &Log,
-        pending: Option<Arc<StateWrites>>,
-    ) -> Result<(Vec<NewNotification>, StateWrites), ClassifyError> {
+        pending: Option<Arc<RowWrites>>,
+    ) -> Result<(Vec<NewNotification>, RowWrites), ClassifyError> {
         if txns.iter().all(|t| t.changes.is_empty()) {
             return Ok((Vec::new(), Vec::new()));
         }
@@ -768,14 +869,29 @@ impl Classifier {
         }
         let mut overlay = Overlay {
             pending,
+            cache: std::mem::take(&mut self.cache),
             ..Overlay::default()
         };
         let result = self.derive(txns, log, &mut overlay, None).await;
         if matches!(result, Err(ClassifyError::Transient(_))) {
             self.evaluator = None;
         }
-        let notifications = result?;
-        Ok((notifications, overlay.writes()))
+        let notifications = match result {
+            Ok(notifications) => notifications,
+            Err(e) => {
+                // The rows this group took out are read from the log again.
+                self.cache = std::mem::take(&mut overlay.cache);
+                return Err(e);
+            }
+        };
+        let (writes, cache) = overlay.finish();
+        self.cache = cache;
+        Ok((notifications, writes))
+    }
+
+    /// Empties the row state cache: the store is about to be written another way.
+    pub fn forget_cached(&mut self) {
+        self.cache.clear();
     }
 
     /// Derives the transitions of one spilled (huge) transaction from its changes in the
@@ -794,6 +910,8 @@ impl Classifier {
             let client = self.db.connect().await?;
             self.evaluator = Some(Evaluator::new(client, false));
         }
+        // The store changes under the cache once the staged state is applied.
+        self.cache.clear();
         let mut overlay = Overlay {
             staged: true,
             ..Overlay::default()
@@ -943,6 +1061,17 @@ impl Classifier {
                 let Some(table) = self.tables.get(name) else {
                     continue;
                 };
+                // A row the transaction inserted has no state to read, unless a
+                // classification not maintained yet at this transaction keeps a record of it
+                // (baselined at a later snapshot, where the row exists).
+                if !in_scratch && table.classes.iter().all(|c| txn.ctx.lsn >= c.active_from) {
+                    let table_text = name.to_string();
+                    for (key, change) in &changes.rows {
+                        if change.inserted {
+                            overlay.absent(state::row_key(&table_text, key));
+                        }
+                    }
+                }
                 for (c, class) in table.classes.iter().enumerate() {
                     if txn.ctx.lsn < class.active_from {
                         continue;
@@ -1452,11 +1581,8 @@ fn existing(
     if overlay.staged {
         pages(&staged_key(prefix), true)?;
     }
-    for (key, bytes) in overlay.pending_under(prefix) {
-        match bytes {
-            Some(bytes) => all.insert(key.clone(), decode(key, bytes)?),
-            None => all.remove(key),
-        };
+    for (key, packed) in overlay.pending_under(prefix) {
+        all.insert(key.clone(), (**packed).clone());
     }
     for (key, (packed, _)) in &overlay.rows {
         if key.starts_with(prefix) {
@@ -1547,7 +1673,10 @@ struct Overlay {
     rows: HashMap<Vec<u8>, (Packed, bool)>,
     staged: bool,
     /// The previous group's state writes, while they are being written to the log.
-    pending: Option<Arc<StateWrites>>,
+    pending: Option<Arc<RowWrites>>,
+    /// Rows as the log holds them once `pending` is written (empty for a spilled
+    /// transaction).
+    cache: StateCache,
 }
 
 impl Overlay {
@@ -1574,12 +1703,12 @@ impl Overlay {
     /// The row under `key` as of before the transactions being derived: the pending writes
     /// of the group before, or the store.
     fn committed(&self, log: &Log, key: &[u8]) -> Result<Packed, LogError> {
+        if let Some(packed) = self.cache.get(key) {
+            return Ok(packed.clone());
+        }
         if let Some(pending) = &self.pending {
             if let Ok(at) = pending.binary_search_by(|(k, _)| k.as_slice().cmp(key)) {
-                return match &pending[at].1 {
-                    Some(bytes) => decode(key, bytes),
-                    None => Ok(Packed::default()),
-                };
+                return Ok((*pending[at].1).clone());
             }
         }
         match log.get_raw(key)? {
@@ -1592,7 +1721,7 @@ impl Overlay {
     fn pending_under<'a>(
         &'a self,
         prefix: &'a [u8],
-    ) -> impl Iterator<Item = &'a (Vec<u8>, Option<Vec<u8>>)> + 'a {
+    ) -> impl Iterator<Item = &'a (Vec<u8>, Arc<Packed>)> + 'a {
         let pending = self.pending.as_deref().map_or(&[][..], |p| p.as_slice());
         let from = pending.partition_point(|(k, _)| k.as_slice() < prefix);
         pending[from..]
@@ -1603,10 +1732,21 @@ impl Overlay {
     /// The row under `key`, read once.
     fn row(&mut self, log: &Log, key: &[u8]) -> Result<&mut (Packed, bool), LogError> {
         if !self.rows.contains_key(key) {
-            let packed = self.stored(log, key)?;
+            let packed = match self.cache.take(key) {
+                Some(packed) => packed,
+                None => self.stored(log, key)?,
+            };
             self.rows.insert(key.to_vec(), (packed, false));
         }
         Ok(self.rows.get_mut(key).expect("inserted above"))
+    }
+
+    /// A row known not to exist before the transactions being derived, unless one of them
+    /// wrote it already.
+    fn absent(&mut self, key: Vec<u8>) {
+        self.rows
+            .entry(key)
+            .or_insert_with(|| (Packed::default(), false));
     }
 
     /// `class`'s record of the row under `key`.
@@ -1628,16 +1768,20 @@ impl Overlay {
         Ok(())
     }
 
-    /// The changed rows as state writes, in key order.
-    fn writes(self) -> StateWrites {
-        let mut writes: StateWrites = self
-            .rows
-            .into_iter()
-            .filter(|(_, (_, changed))| *changed)
-            .map(|(key, (packed, _))| (key, packed.stored()))
-            .collect();
+    /// The changed rows as state writes, in key order, and the cache with every row read
+    /// or written put back.
+    fn finish(self) -> (RowWrites, StateCache) {
+        let mut cache = self.cache;
+        let mut writes = Vec::new();
+        for (key, (packed, changed)) in self.rows {
+            let packed = Arc::new(packed);
+            if changed {
+                writes.push((key.clone(), packed.clone()));
+            }
+            cache.put(key, packed);
+        }
         writes.sort_by(|a, b| a.0.cmp(&b.0));
-        writes
+        (writes, cache)
     }
 
     /// Moves the changed rows to the staging area (and forgets the rest).
@@ -2378,6 +2522,49 @@ fn numbered(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(value: &str) -> Arc<Packed> {
+        let mut packed = Packed::default();
+        packed.set(
+            "c",
+            Some(Record {
+                value: Known::True,
+                lsn: 1,
+                columns: vec![("status".into(), Some(value.into()))],
+            }),
+        );
+        Arc::new(packed)
+    }
+
+    #[test]
+    fn the_state_cache_stays_within_its_budget_and_hands_rows_out_once() {
+        let one = StateCache::weight(b"t1", &row("active"));
+        let mut cache = StateCache::new(one * 100);
+        for i in 0..1000 {
+            cache.put(format!("t{i}").into_bytes(), row("active"));
+            assert!(cache.bytes <= one * 100, "{} after {i}", cache.bytes);
+        }
+        assert!(cache.rows.len() >= 75, "{} rows left", cache.rows.len());
+        let sum: usize = cache
+            .rows
+            .iter()
+            .map(|(k, p)| StateCache::weight(k, p))
+            .sum();
+        assert_eq!(cache.bytes, sum);
+        // A taken row is the caller's until it is put back.
+        let key = cache.rows.keys().next().cloned().expect("a row");
+        assert_eq!(cache.take(&key), Some((*row("active")).clone()));
+        assert_eq!(cache.take(&key), None);
+        // A shared row (still being written) is copied out.
+        let shared = row("gone");
+        cache.put(key.clone(), shared.clone());
+        assert_eq!(cache.take(&key).as_ref(), Some(&*shared));
+        cache.clear();
+        assert_eq!((cache.rows.len(), cache.bytes), (0, 0));
+        let mut off = StateCache::new(0);
+        off.put(key.clone(), row("x"));
+        assert!(off.get(&key).is_none());
+    }
 
     #[test]
     fn spilled_changes_round_trip_with_their_origin() {
