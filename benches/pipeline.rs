@@ -61,11 +61,10 @@
 //!    from spawn until its slot's `confirmed_flush_lsn` reaches the end. The ratio is
 //!    classified rows/s over mutation-only rows/s, rows counting inserts and updates.
 //!    Then the **store floor** ([`sled_floor`]): sled alone doing the classified run's state
-//!    reads and writes and its classification notifications' entries, shaped as the run (its
-//!    data dir's entries), with nothing else: `mutation-only / (mutation-only + floor)`
-//!    estimates the best ratio a design that keeps per-row state and per-notification
-//!    entries in sled could reach here (an estimate: work that overlaps the store's could
-//!    beat it).
+//!    reads and writes and its classification notifications' segments, shaped as the run
+//!    (its data dir's entries), with nothing else: `mutation-only / (mutation-only + floor)`
+//!    estimates the best ratio a design that keeps per-row state in sled could reach here
+//!    (an estimate: work that overlaps the store's could beat it).
 //! 5. **Baseline**: a table `bench_baseline` of `baseline_rows` rows (the same columns,
 //!    `VACUUM ANALYZE`d), one classification, no slot: walhook creates the slot with an
 //!    exported snapshot and baselines from it, as on a first deployment. Timed from spawn
@@ -1371,14 +1370,14 @@ fn compare_classified(
 }
 
 /// The store's share of the classified run, measured alone: sled doing only the writes that
-/// a design keeping per-row state in sled (as issue 3 asks) and one entry per notification
-/// must do beyond the mutation-only run's, in the run's shape. A fresh tree with walhook's
-/// sled settings (`src/log.rs`) gets the classified run's state entries (copied from its
-/// data dir); then per transaction the four updated rows and the new one are read and
-/// written back (values of the stored size), plus the classification events' `notified`
-/// notifications spread over the transactions as pending entries of the run's mean body
-/// size, one batch per 128 transactions (walhook's largest group here). No flush, decoding,
-/// evaluation or encoding. `mutation-only / (mutation-only + this)` estimates the ratio such
+/// a design keeping per-row state in sled (as issue 3 asks) must do beyond the mutation-only
+/// run's, in the run's shape. A fresh tree with walhook's sled settings (`src/log.rs`) gets
+/// the classified run's state entries (copied from its data dir); then per transaction the
+/// four updated rows and the new one are read and written back (values of the stored size),
+/// plus the classification events' `notified` notifications (bodies of the run's mean size)
+/// written as walhook writes them, in segments: per batch of 128 transactions (walhook's
+/// largest group here), one entry per classification webhook, split at 16 KB of bodies. No
+/// flush, decoding, evaluation or encoding. `mutation-only / (mutation-only + this)` estimates the ratio such
 /// a design could reach if nothing else cost anything and nothing overlapped; walhook does
 /// overlap its log writes with the next group's evaluation, so it is an estimate, not a
 /// strict bound.
@@ -1396,25 +1395,21 @@ fn sled_floor(data: &Path, scratch: &Path, txns: u64, notified: u64) -> Value {
     let (mut bodies, mut body_bytes) = (0u64, 0u64);
     for entry in tree.iter() {
         let (key, value) = entry.expect("reading the log");
-        // The body's offset: after a pending entry's status, after a delivered entry's time
-        // and, if it holds one, its successful attempt (src/log.rs).
-        let word = |at: usize| {
-            value
-                .get(at..at + 4)
-                .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        };
-        let header = match key.first() {
-            Some(b't') => {
-                state.push((key, value));
-                continue;
+        match key.first() {
+            Some(b't') => state.push((key, value)),
+            // A segment: its time, then per notification a 16-byte header and the body
+            // (src/log.rs).
+            Some(b'g') => {
+                let mut at = 8;
+                while let Some(head) = value.get(at + 12..at + 16) {
+                    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+                    bodies += 1;
+                    body_bytes += len as u64;
+                    at += 16 + len;
+                }
             }
-            Some(b'p') => 4 + word(0),
-            Some(b'd') if value.first().is_some_and(|b| b & 0x80 != 0) => 12 + word(8),
-            Some(b'd') => 8,
-            _ => continue,
-        };
-        bodies += 1;
-        body_bytes += value.len().saturating_sub(header) as u64;
+            _ => {}
+        }
     }
     drop(tree);
     drop(source);
@@ -1427,19 +1422,8 @@ fn sled_floor(data: &Path, scratch: &Path, txns: u64, notified: u64) -> Value {
         .map_or(0, |at| at + 1);
     let prefix = first_key[..prefix_len].to_vec();
     let state_bytes = state.iter().map(|(_, v)| v.len()).sum::<usize>() / state.len();
-    // A pending entry as the stream writes it: the status of a new notification, the body.
-    let status = serde_json::to_vec(&walhook::log::Status {
-        attempts: 0,
-        round_failures: 0,
-        next_at_ms: 1_800_000_000_000,
-        dead: false,
-        created_ms: 1_800_000_000_000,
-        round: 0,
-    })
-    .expect("status JSON");
-    let mut body = (status.len() as u32).to_be_bytes().to_vec();
-    body.extend_from_slice(&status);
-    body.resize(body.len() + (body_bytes / bodies.max(1)) as usize, b'x');
+    // A notification in a segment: its header, its body.
+    let body = vec![b'x'; 16 + (body_bytes / bodies.max(1)) as usize];
     let per_txn = notified as f64 / txns as f64;
 
     let shape = Shape {
@@ -1456,7 +1440,7 @@ fn sled_floor(data: &Path, scratch: &Path, txns: u64, notified: u64) -> Value {
         "state_only_seconds": state_only,
         "state_entries": state.len(),
         "state_entry_mean_bytes": state_bytes,
-        "notification_entry_mean_bytes": body.len(),
+        "notification_mean_bytes": body.len(),
         "notifications_per_transaction": per_txn,
         "transactions": txns,
     })
@@ -1502,6 +1486,7 @@ fn floor_run(scratch: &Path, shape: &Shape<'_>, notifications: bool) -> f64 {
     let started = Instant::now();
     for group in 0..shape.txns.div_ceil(128) {
         let mut batch = sled::Batch::default();
+        let mut group_notes = 0usize;
         for t in group * 128..((group + 1) * 128).min(shape.txns) {
             let start = rng.u64(1..existing.saturating_sub(3).max(2));
             for id in (start..start + 4).chain([next_id]) {
@@ -1519,11 +1504,22 @@ fn floor_run(scratch: &Path, shape: &Shape<'_>, notifications: bool) -> f64 {
             // The run's notifications, spread evenly over its transactions.
             while notifications && emitted < shape.per_txn * (t + 1) as f64 {
                 emitted += 1.0;
-                sequence += 1;
-                let mut key = b"p".to_vec();
-                key.extend_from_slice(&sequence.to_be_bytes());
-                batch.insert(key, shape.body);
+                group_notes += 1;
             }
+        }
+        // The group's notifications as segments: one per classification webhook, split
+        // at 16 KB of bodies.
+        let bytes = group_notes * shape.body.len();
+        let segments = if group_notes == 0 {
+            0
+        } else {
+            CLASSES.len().max(bytes.div_ceil(16 * 1024))
+        };
+        for _ in 0..segments {
+            sequence += 1;
+            let mut key = b"g".to_vec();
+            key.extend_from_slice(&sequence.to_be_bytes());
+            batch.insert(key, vec![b'x'; 8 + bytes / segments]);
         }
         floor.apply_batch(batch).expect("write");
     }
@@ -1739,7 +1735,7 @@ fn render(r: &Value) -> String {
             let _ = writeln!(
                 s,
                 "{:<30} {:>7.2} s: sled alone, the classified run's state reads/writes and its classification \
-                 notifications' entries ({:.2} s of it the state alone); estimate mutation-only / (mutation-only + it) = {:.2}",
+                 notifications' segments ({:.2} s of it the state alone); estimate mutation-only / (mutation-only + it) = {:.2}",
                 "  store floor",
                 seconds,
                 f(&floor["state_only_seconds"]),

@@ -7,14 +7,18 @@
 //! commit order:
 //!
 //! ```text
-//! b'p' hook \0 lsn ordinal            → pending or dead: Status (attempts so far, next due
-//!                                        time), then the body (the exact HTTP body)
-//! b'd' hook \0 lsn ordinal            → delivered: at (ms since the Unix epoch), the
-//!                                        successful attempt, then the body
+//! b'g' hook \0 lsn ordinal            → segment: that notification and the webhook's next
+//!                                        ones of the same write, bodies included
+//! b'd' hook \0 lsn ordinal            → delivered: at (ms since the Unix epoch) and the
+//!                                        successful attempt
+//! b'u' hook \0 lsn ordinal            → Status of a notification attempted without success
+//!                                        (pending or dead), or redelivered
 //! b'a' hook \0 lsn ordinal attempt    → Attempt record (a delivered entry holds its own
 //!                                        successful attempt instead)
+//! b'f' hook                           → floor: every notification of the webhook up to a
+//!                                        key is delivered (where a scan from the start begins)
 //! b'm' "position"                     → commit LSN and end LSN of the last logged transaction
-//! b'm' "layout"                       → this layout's version (3; the first had none)
+//! b'm' "layout"                       → this layout's version (4; the first had none)
 //! b'm' "origin", "recheck", "applying", "spilling" → the database and slot; recheck
 //!                                        numbering; a spilled transaction's progress
 //! b't' ..., b'c' ..., b'q' ...          → the row state store (see `crate::state`)
@@ -22,21 +26,29 @@
 //!                                        (see `crate::derive::classification`)
 //! ```
 //!
-//! One entry per notification, moved from `p` to `d` when delivered: each sled entry costs
-//! a tree insert, and at thousands of notifications a second these inserts are most of the
-//! stream's work. (The first layout kept the body apart under `b'n'`; [`Log::open`]
-//! converts it.) A `p` value is a 4-byte big-endian length, that many bytes of Status JSON,
-//! then the body; a `d` value is 8 bytes of big-endian milliseconds (the top bit set when
-//! the successful attempt follows: a 4-byte length and its JSON; layout 2 had none), then
-//! the body.
+//! Notifications are written as segments: one sled entry per webhook per write (a group of
+//! transactions), up to [`SEGMENT_BYTES`] of bodies. Each sled entry costs a tree insert,
+//! and at thousands of notifications a second one entry per notification was most of the
+//! stream's work. A notification with neither a `d` nor a `u` entry is pending, due since
+//! it was logged: the common life of a notification, one success, writes one small `d`
+//! entry. A segment value is the time it was logged (8 bytes, big-endian ms), then per
+//! notification its LSN (8), ordinal (4), body length (4) and body. A `d` value is 8 bytes
+//! of big-endian milliseconds (the top bit set when the successful attempt follows: a 4-byte
+//! length and its JSON). Pruning removes delivered notifications from their segments.
+//!
+//! Earlier layouts kept one entry per notification: `b'p'` (Status and body, pending or
+//! dead) and `b'd'` (delivered, with the body); the first kept the body apart under `b'n'`.
+//! [`Log::open`] converts them.
 //!
 //! Progress invariant: the position key is written in the same batch as the last
 //! notifications of its transaction, and the replication slot is acknowledged only after a
 //! flush that covers that batch. A key is therefore a pure function of the WAL (commit LSN,
-//! ordinal), so replaying a transaction writes the same keys again.
+//! ordinal), so replaying a transaction writes the same keys again (a segment replaces the
+//! ones an interrupted earlier pass left inside its range).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -45,16 +57,24 @@ use serde::{Deserialize, Serialize};
 
 /// The first layout's separate bodies (converted at open).
 const NOTIFICATION: u8 = b'n';
+/// Layouts 2 and 3: a pending or dead notification with its body (converted at open).
 const PENDING: u8 = b'p';
+const SEGMENT: u8 = b'g';
 const DELIVERED: u8 = b'd';
+const STATUS: u8 = b'u';
 const ATTEMPT: u8 = b'a';
+const FLOOR: u8 = b'f';
 const POSITION: &[u8] = b"mposition";
 const ORIGIN: &[u8] = b"morigin";
 /// The layout this version writes (the first had no such key); a newer one is refused.
 const LAYOUT: &[u8] = b"mlayout";
-/// 2: one entry per notification; 3: a delivered entry may hold its successful attempt
-/// (see [`delivered_value`]), which layout 2 cannot read. A layout 2 log is read as is.
-const LAYOUT_VERSION: u8 = 3;
+/// 2: one entry per notification; 3: a delivered entry may hold its successful attempt;
+/// 4: segments (see the module documentation). Layouts 1 to 3 are converted at open.
+const LAYOUT_VERSION: u8 = 4;
+/// A segment holds notifications until their bodies reach this size (one larger body gets a
+/// segment of its own). sled rewrites a whole page to change one value, so segments stay
+/// well under its page sizes.
+const SEGMENT_BYTES: usize = 16 * 1024;
 /// Lets sled's epoch-based reclamation catch up after a batch of `writes` entries: every
 /// write leaves the page it replaced (or more) for later, and crossbeam-epoch, which sled
 /// uses, frees at most 8 bags of 64 such leftovers per collection, run every 128th pin. One
@@ -292,12 +312,13 @@ impl Log {
         };
         match log.tree.get(LAYOUT)?.as_deref() {
             Some([version]) if *version == LAYOUT_VERSION => {}
-            // Nothing to convert: its delivered entries are a special case of this layout's.
-            Some([2]) => {
+            Some([2 | 3]) => {
+                log.convert_to_segments()?;
                 log.tree.insert(LAYOUT, &[LAYOUT_VERSION])?;
             }
             None => {
                 log.convert_first_layout()?;
+                log.convert_to_segments()?;
                 log.tree.insert(LAYOUT, &[LAYOUT_VERSION])?;
             }
             Some(other) => {
@@ -335,7 +356,10 @@ impl Log {
                 if let Some(status) = self.tree.get(&pending_key)? {
                     batch.insert(pending_key, pending_value(&status, body));
                 } else if let Some(at) = self.tree.get(&delivered_key)? {
-                    batch.insert(delivered_key, delivered_value(decode_ms(&at), None, body));
+                    // Layout 2's delivered entry: the time, then the body.
+                    let mut value = decode_ms(&at).to_be_bytes().to_vec();
+                    value.extend_from_slice(body);
+                    batch.insert(delivered_key, value);
                 }
                 // Neither: left over from a transaction cut short, never deliverable.
                 batch.remove(key);
@@ -348,6 +372,82 @@ impl Log {
             tracing::info!(
                 notifications = converted,
                 "delivery log converted to one entry per notification"
+            );
+        }
+        Ok(())
+    }
+
+    /// Moves the entries of layouts 2 and 3 (one per notification, the body inside) into
+    /// segments of one notification each, a page at a time, each page one atomic batch: a
+    /// crash resumes where it stopped (a `p` entry left, or a `d` entry with a body, is
+    /// still to convert).
+    fn convert_to_segments(&self) -> Result<(), LogError> {
+        let mut converted = 0usize;
+        let mut announce = |n: usize| {
+            if converted == 0 && n > 0 {
+                tracing::info!("converting the delivery log to segments (once; a crash resumes where it stopped)");
+            }
+            converted += n;
+        };
+        // Pending and dead: a segment, and the status unless it is a fresh one's.
+        loop {
+            let page = self
+                .tree
+                .scan_prefix([PENDING])
+                .take(BULK_CHUNK)
+                .collect::<Result<Vec<_>, _>>()?;
+            if page.is_empty() {
+                break;
+            }
+            announce(page.len());
+            let mut batch = sled::Batch::default();
+            for (key, value) in &page {
+                let nkey = decode_key(key)?;
+                let (status, body) = decode_pending(key, value)?;
+                batch.insert(
+                    nkey.encode(SEGMENT),
+                    segment_value(status.created_ms, [(&nkey, body)]),
+                );
+                if status != fresh_status(status.created_ms) {
+                    batch.insert(nkey.encode(STATUS), encode_json(&status));
+                }
+                batch.remove(key);
+            }
+            self.tree.apply_batch(batch)?;
+            reclaim(2 * page.len());
+        }
+        // Delivered: the body leaves for a segment (logged then, as far as anyone knows).
+        let mut from = vec![DELIVERED];
+        loop {
+            let page = self.scan_raw(&[DELIVERED], &from, BULK_CHUNK)?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            from = last.to_vec();
+            from.push(0);
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for (key, value) in &page {
+                let entry = split_delivered(key, value)?;
+                if entry.body.is_empty() {
+                    continue;
+                }
+                let nkey = decode_key(key)?;
+                batch.insert(
+                    nkey.encode(SEGMENT),
+                    segment_value(entry.at_ms, [(&nkey, entry.body)]),
+                );
+                batch.insert(key, delivered_value(entry.at_ms, entry.attempt));
+                n += 1;
+            }
+            announce(n);
+            self.tree.apply_batch(batch)?;
+            reclaim(2 * n);
+        }
+        if converted > 0 {
+            tracing::info!(
+                notifications = converted,
+                "delivery log converted to segments"
             );
         }
         Ok(())
@@ -380,7 +480,7 @@ impl Log {
     }
 
     /// As [`append`](Self::append), with row state writes (`None` removes the key) in the
-    /// same atomic batch.
+    /// same atomic batch. Each webhook's notifications become segments.
     pub fn append_with_state(
         &self,
         notifications: &[NewNotification],
@@ -395,47 +495,90 @@ impl Log {
                 None => batch.remove(key.as_slice()),
             }
         }
-        let status = Status {
-            attempts: 0,
-            round_failures: 0,
-            next_at_ms: now_ms,
-            dead: false,
-            created_ms: now_ms,
-            round: 0,
-        };
-        let status = encode_json(&status);
+        let mut by_hook: BTreeMap<&str, Vec<&NewNotification>> = BTreeMap::new();
         for n in notifications {
-            // No delivered record can exist for this key: delivery reads only transactions
-            // up to the logged position, and a restart skips every one of those.
-            batch.insert(n.key.encode(PENDING), pending_value(&status, &n.body));
+            by_hook.entry(&n.key.hook).or_default().push(n);
+        }
+        let mut segments = 0;
+        for notes in by_hook.values_mut() {
+            notes.sort_by_key(|n| (n.key.lsn, n.key.ordinal));
+            notes.dedup_by_key(|n| (n.key.lsn, n.key.ordinal));
+            let mut rest = &notes[..];
+            while !rest.is_empty() {
+                let mut take = 1;
+                let mut bytes = rest[0].body.len();
+                while take < rest.len() && bytes + rest[take].body.len() <= SEGMENT_BYTES {
+                    bytes += rest[take].body.len();
+                    take += 1;
+                }
+                let (chunk, later) = rest.split_at(take);
+                rest = later;
+                let first = chunk[0].key.encode(SEGMENT);
+                let last = chunk[take - 1].key.encode(SEGMENT);
+                // Segments an interrupted earlier pass over these transactions left inside
+                // this one's range. (No delivery marks exist for them: delivery reads only
+                // transactions up to the logged position, which that pass did not reach.)
+                for old in self
+                    .tree
+                    .range::<&[u8], _>((Bound::Excluded(&first[..]), Bound::Included(&last[..])))
+                {
+                    batch.remove(old?.0);
+                }
+                batch.insert(
+                    first,
+                    segment_value(now_ms, chunk.iter().map(|n| (&n.key, &n.body[..]))),
+                );
+                segments += 1;
+            }
         }
         if let Some(position) = position {
             batch.insert(POSITION, encode_json(&position));
         }
         self.tree.apply_batch(batch)?;
-        reclaim(state.len() + notifications.len());
+        reclaim(state.len() + segments);
         Ok(())
     }
 
     /// Removes a webhook's notifications of transaction `lsn` from ordinal `from` on: left
     /// over from an earlier, interrupted pass over the same transaction that emitted more.
     pub fn truncate_transaction(&self, hook: &str, lsn: u64, from: u32) -> Result<(), LogError> {
-        let start = NotificationKey {
+        let lo = NotificationKey {
             hook: hook.to_string(),
             lsn,
             ordinal: from,
         };
-        let end = NotificationKey {
+        let hi = NotificationKey {
             hook: hook.to_string(),
             lsn,
             ordinal: u32::MAX,
         };
+        let cut = |n: &SegmentNote<'_>| n.lsn == lsn && n.ordinal >= from;
         let mut batch = sled::Batch::default();
         let mut any = false;
-        for entry in self.tree.range(start.encode(PENDING)..=end.encode(PENDING)) {
-            let (key, _) = entry?;
-            batch.remove(key);
+        let start = self
+            .segment_of(&lo)?
+            .unwrap_or_else(|| hook_prefix(SEGMENT, hook));
+        for entry in self.tree.range(start..=hi.encode(SEGMENT)) {
+            let (key, value) = entry?;
+            let (created, notes) = parse_segment(&key, &value)?;
+            if !notes.iter().any(cut) {
+                continue;
+            }
             any = true;
+            let kept: Vec<&SegmentNote<'_>> = notes.iter().filter(|n| !cut(n)).collect();
+            if kept.is_empty() {
+                batch.remove(key);
+            } else {
+                batch.insert(key, segment_value_of(created, &kept));
+            }
+        }
+        for kind in [DELIVERED, STATUS, ATTEMPT] {
+            let mut end = hi.encode(kind);
+            end.extend_from_slice(&[0xFF; 4]);
+            for entry in self.tree.range(lo.encode(kind)..=end) {
+                batch.remove(entry?.0);
+                any = true;
+            }
         }
         if any {
             self.tree.apply_batch(batch)?;
@@ -535,8 +678,8 @@ impl Log {
         Ok(())
     }
 
-    /// Pending (not dead) notifications of `hook` after `after`, in commit order, from
-    /// transactions up to `up_to_lsn`; at most `limit`.
+    /// Pending (not dead) notifications of `hook` after `after` (from the webhook's floor
+    /// when `None`), in commit order, from transactions up to `up_to_lsn`; at most `limit`.
     pub fn pending(
         &self,
         hook: &str,
@@ -544,49 +687,29 @@ impl Log {
         up_to_lsn: u64,
         limit: usize,
     ) -> Result<Pending, LogError> {
-        let start = match after {
-            Some(key) => {
-                let mut k = key.encode(PENDING);
-                k.push(0); // just past `after`
-                k
-            }
-            None => hook_prefix(PENDING, hook),
+        let floor = match after {
+            Some(_) => None,
+            None => self.floor(hook)?.1,
         };
-        let end = NotificationKey {
-            hook: hook.to_string(),
-            lsn: up_to_lsn,
-            ordinal: u32::MAX,
-        }
-        .encode(PENDING);
+        let from = after.or(floor.as_ref());
         let mut out = Pending::default();
-        for entry in self.tree.range(start..=end) {
-            let (key, value) = entry?;
-            let (status, _) = decode_pending(&key, &value)?;
-            let nkey = decode_key(&key)?;
-            // Dead entries move the scan on too, so they are not read again on every pass.
-            out.scanned_to = Some(nkey.clone());
-            if status.dead {
-                continue;
+        self.walk(hook, from, up_to_lsn, |key, _, mark| {
+            // Delivered and dead ones move the scan on too, so they are not read again on
+            // every pass.
+            out.scanned_to = Some(key.clone());
+            if let Mark::Waiting(status) = mark {
+                if !status.dead {
+                    out.items.push((key, status));
+                }
             }
-            out.items.push((nkey, status));
-            if out.items.len() >= limit {
-                break;
-            }
-        }
+            Ok(out.items.len() < limit)
+        })?;
         Ok(out)
     }
 
     /// The body of a notification.
     pub fn body(&self, key: &NotificationKey) -> Result<Option<Vec<u8>>, LogError> {
-        let pending_key = key.encode(PENDING);
-        if let Some(value) = self.tree.get(&pending_key)? {
-            return Ok(Some(decode_pending(&pending_key, &value)?.1.to_vec()));
-        }
-        let delivered_key = key.encode(DELIVERED);
-        match self.tree.get(&delivered_key)? {
-            Some(value) => Ok(Some(split_delivered(&delivered_key, &value)?.body.to_vec())),
-            None => Ok(None),
-        }
+        Ok(self.find(key)?.map(|(_, body)| body))
     }
 
     /// Records an attempt and its consequence.
@@ -613,36 +736,38 @@ impl Log {
         let _status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         let mut batch = sled::Batch::default();
         let mut stale = 0;
-        // Pending entries as this batch leaves them (None: moved to delivered).
-        let mut pending: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+        // Notifications as this batch leaves them: waiting with a status, or delivered.
+        let mut states: HashMap<&NotificationKey, Option<Status>> = HashMap::new();
+        // Whether a status entry exists for them (to remove once delivered).
+        let mut stored: HashMap<&NotificationKey, bool> = HashMap::new();
         for (key, attempt, after) in outcomes {
-            let pending_key = key.encode(PENDING);
-            let value = match pending.get(&pending_key) {
-                Some(value) => value.clone(),
-                None => self.tree.get(&pending_key)?.map(|v| v.to_vec()),
+            let state = match states.get(key) {
+                Some(state) => state.clone(),
+                None => self.waiting_status(
+                    key,
+                    !matches!(after, AfterAttempt::Delivered),
+                    &mut stored,
+                )?,
             };
-            let Some(value) = value else {
-                // Not pending (delivered by an earlier round, or cut short): keep the
-                // attempt record only.
+            let Some(mut status) = state else {
+                // Not waiting (delivered by an earlier round, or gone): keep the attempt
+                // record only.
                 batch.insert(key.attempt_key(attempt.number), encode_json(attempt));
                 continue;
             };
-            let (mut status, body) = decode_pending(&pending_key, &value)?;
             if status.round != attempt.round {
                 stale += 1;
                 batch.insert(key.attempt_key(attempt.number), encode_json(attempt));
                 continue;
             }
             if let AfterAttempt::Delivered = after {
-                // The body moves on, with the successful attempt: one entry fewer per
-                // delivery, and the common case is a first attempt's success. (Pruning
-                // removes only delivered notifications, so an attempted one is never
-                // pruned under it.)
+                // The successful attempt lives in the delivered entry: the common case, a
+                // first attempt's success, writes that one small entry.
                 batch.insert(
                     key.encode(DELIVERED),
-                    delivered_value(attempt.at_ms, Some(attempt), body),
+                    delivered_value(attempt.at_ms, Some(&encode_json(attempt))),
                 );
-                pending.insert(pending_key, None);
+                states.insert(key, None);
                 continue;
             }
             batch.insert(key.attempt_key(attempt.number), encode_json(attempt));
@@ -653,62 +778,94 @@ impl Log {
                 AfterAttempt::RetryAt { next_at_ms } => status.next_at_ms = *next_at_ms,
                 AfterAttempt::Dead => status.dead = true,
             }
-            pending.insert(
-                pending_key,
-                Some(pending_value(&encode_json(&status), body)),
-            );
+            states.insert(key, Some(status));
         }
-        for (key, value) in pending {
-            match value {
-                Some(value) => batch.insert(key, value),
-                None => batch.remove(key),
+        for (key, state) in states {
+            match state {
+                Some(status) => batch.insert(key.encode(STATUS), encode_json(&status)),
+                None if stored.get(key).copied().unwrap_or(false) => {
+                    batch.remove(key.encode(STATUS))
+                }
+                None => {}
             }
         }
         self.tree.apply_batch(batch)?;
-        reclaim(3 * outcomes.len());
+        reclaim(2 * outcomes.len());
         Ok(stale)
+    }
+
+    /// A notification's status if it is waiting (pending or dead), `None` if it is
+    /// delivered or, when `created` is needed (a failure: the status is stored), not in the
+    /// log; notes in `stored` whether it has a status entry.
+    fn waiting_status<'k>(
+        &self,
+        key: &'k NotificationKey,
+        created: bool,
+        stored: &mut HashMap<&'k NotificationKey, bool>,
+    ) -> Result<Option<Status>, LogError> {
+        if self.tree.get(key.encode(DELIVERED))?.is_some() {
+            return Ok(None);
+        }
+        let status_key = key.encode(STATUS);
+        if let Some(value) = self.tree.get(&status_key)? {
+            stored.insert(key, true);
+            return decode_json(&status_key, &value).map(Some);
+        }
+        stored.insert(key, false);
+        if !created {
+            // A first attempt's success: only the round counts.
+            return Ok(Some(fresh_status(0)));
+        }
+        Ok(self.find(key)?.map(|(created, _)| fresh_status(created)))
     }
 
     /// The first `limit` pending and dead notifications, in key order, and how many there
     /// are in all.
     pub fn undelivered(&self, limit: usize) -> Result<Undelivered, LogError> {
         let mut out = Undelivered::default();
-        for entry in self.tree.scan_prefix([PENDING]) {
-            let (key, value) = entry?;
-            let (status, _) = decode_pending(&key, &value)?;
-            out.total += 1;
-            if status.dead {
-                out.dead += 1;
-            }
-            if out.items.len() < limit {
-                out.items.push((decode_key(&key)?, status));
-            }
+        for hook in self.segment_hooks()? {
+            let floor = self.floor(&hook)?.1;
+            self.walk(&hook, floor.as_ref(), u64::MAX, |key, _, mark| {
+                if let Mark::Waiting(status) = mark {
+                    out.total += 1;
+                    if status.dead {
+                        out.dead += 1;
+                    }
+                    if out.items.len() < limit {
+                        out.items.push((key, status));
+                    }
+                }
+                Ok(true)
+            })?;
         }
         Ok(out)
     }
 
     /// One notification with its state and attempts.
     pub fn detail(&self, key: &NotificationKey) -> Result<Option<Detail>, LogError> {
-        let pending_key = key.encode(PENDING);
+        let Some((created, body)) = self.find(key)? else {
+            return Ok(None);
+        };
         let delivered_key = key.encode(DELIVERED);
+        let status_key = key.encode(STATUS);
         // A delivered entry's own successful attempt.
         let mut successful = None;
-        let (state, body) = if let Some(value) = self.tree.get(&pending_key)? {
-            let (status, body) = decode_pending(&pending_key, &value)?;
-            let body = body.to_vec();
-            if status.dead {
-                (State::Dead(status), body)
-            } else {
-                (State::Pending(status), body)
-            }
-        } else if let Some(value) = self.tree.get(&delivered_key)? {
+        let state = if let Some(value) = self.tree.get(&delivered_key)? {
             let entry = split_delivered(&delivered_key, &value)?;
             if let Some(json) = entry.attempt {
                 successful = Some(decode_json::<Attempt>(&delivered_key, json)?);
             }
-            (State::Delivered { at_ms: entry.at_ms }, entry.body.to_vec())
+            State::Delivered { at_ms: entry.at_ms }
         } else {
-            return Ok(None);
+            let status = match self.tree.get(&status_key)? {
+                Some(value) => decode_json(&status_key, &value)?,
+                None => fresh_status(created),
+            };
+            if status.dead {
+                State::Dead(status)
+            } else {
+                State::Pending(status)
+            }
         };
         let mut attempts: Vec<Attempt> = Vec::new();
         for entry in self.tree.scan_prefix(key.encode(ATTEMPT)) {
@@ -750,17 +907,19 @@ impl Log {
             round: round + 1,
         };
         let mut batch = sled::Batch::default();
-        batch.insert(
-            key.encode(PENDING),
-            pending_value(&encode_json(&status), &detail.body),
-        );
+        batch.insert(key.encode(STATUS), encode_json(&status));
         if was_delivered {
             // The successful attempt leaves with the delivered entry: keep it on record.
             for attempt in &detail.attempts {
                 batch.insert(key.attempt_key(attempt.number), encode_json(attempt));
             }
+            batch.remove(key.encode(DELIVERED));
         }
-        batch.remove(key.encode(DELIVERED));
+        // A scan from the webhook's start must meet it again: the floor goes, with a new
+        // generation, so that a floor computed meanwhile is not written over it.
+        let floor_key = floor_key(&key.hook);
+        let generation = floor_generation(self.tree.get(&floor_key)?.as_deref()) + 1;
+        batch.insert(floor_key, generation.to_be_bytes().to_vec());
         self.tree.apply_batch(batch)?;
         Ok(true)
     }
@@ -768,9 +927,9 @@ impl Log {
     /// Redelivers every dead notification; returns how many.
     pub fn redeliver_dead(&self, now_ms: u64) -> Result<usize, LogError> {
         let mut dead = Vec::new();
-        for entry in self.tree.scan_prefix([PENDING]) {
+        for entry in self.tree.scan_prefix([STATUS]) {
             let (key, value) = entry?;
-            let (status, _) = decode_pending(&key, &value)?;
+            let status: Status = decode_json(&key, &value)?;
             if status.dead {
                 dead.push(decode_key(&key)?);
             }
@@ -782,44 +941,294 @@ impl Log {
     }
 
     /// Removes delivered notifications (body, record and attempts) delivered before
-    /// `cutoff_ms`. Returns how many.
+    /// `cutoff_ms`, and moves each webhook's floor up first. Returns how many.
     pub fn prune_delivered(&self, cutoff_ms: u64) -> Result<usize, LogError> {
         let mut pruned = 0;
         let mut batch = sled::Batch::default();
-        for entry in self.tree.scan_prefix([DELIVERED]) {
-            let (key, value) = entry?;
-            if decode_ms(&value) >= cutoff_ms {
-                continue;
-            }
-            let nkey = decode_key(&key)?;
-            for attempt in self.tree.scan_prefix(nkey.encode(ATTEMPT)) {
-                batch.remove(attempt?.0);
-            }
-            batch.remove(key);
-            pruned += 1;
-            if pruned % 1000 == 0 {
-                self.tree.apply_batch(std::mem::take(&mut batch))?;
-                reclaim(2000);
+        let mut pending_writes = 0;
+        for hook in self.segment_hooks()? {
+            self.advance_floor(&hook)?;
+            let prefix = hook_prefix(SEGMENT, &hook);
+            for entry in self.tree.scan_prefix(&prefix) {
+                let (key, value) = entry?;
+                let (created, notes) = parse_segment(&key, &value)?;
+                // Segments are logged in order, and nothing is delivered before it is logged.
+                if created >= cutoff_ms {
+                    break;
+                }
+                let (Some(lo), Some(hi)) = (notes.first(), notes.last()) else {
+                    batch.remove(key);
+                    continue;
+                };
+                let marks = self.marks(&hook, (lo.lsn, lo.ordinal), (hi.lsn, hi.ordinal))?;
+                let old = |n: &SegmentNote<'_>| {
+                    marks
+                        .delivered
+                        .get(&(n.lsn, n.ordinal))
+                        .is_some_and(|d| decode_ms(d) < cutoff_ms)
+                };
+                let kept: Vec<&SegmentNote<'_>> = notes.iter().filter(|n| !old(n)).collect();
+                if kept.len() == notes.len() {
+                    continue;
+                }
+                for n in notes.iter().filter(|n| old(n)) {
+                    let nkey = NotificationKey {
+                        hook: hook.clone(),
+                        lsn: n.lsn,
+                        ordinal: n.ordinal,
+                    };
+                    for attempt in self.tree.scan_prefix(nkey.encode(ATTEMPT)) {
+                        batch.remove(attempt?.0);
+                    }
+                    batch.remove(nkey.encode(DELIVERED));
+                    pruned += 1;
+                    pending_writes += 2;
+                }
+                if kept.is_empty() {
+                    batch.remove(key);
+                } else {
+                    batch.insert(key, segment_value_of(created, &kept));
+                }
+                if pending_writes >= 2000 {
+                    self.tree.apply_batch(std::mem::take(&mut batch))?;
+                    reclaim(pending_writes);
+                    pending_writes = 0;
+                }
             }
         }
         self.tree.apply_batch(batch)?;
-        reclaim(2 * (pruned % 1000));
+        reclaim(pending_writes);
         Ok(pruned)
     }
 
-    /// The webhooks that have pending or dead notifications: one seek per webhook.
+    /// The webhooks that have pending or dead notifications.
     pub fn hooks_with_undelivered(&self) -> Result<Vec<String>, LogError> {
         let mut hooks = Vec::new();
-        let mut from = vec![PENDING];
+        for hook in self.segment_hooks()? {
+            let floor = self.floor(&hook)?.1;
+            let mut waiting = false;
+            self.walk(&hook, floor.as_ref(), u64::MAX, |_, _, mark| {
+                waiting = matches!(mark, Mark::Waiting(_));
+                Ok(!waiting)
+            })?;
+            if waiting {
+                hooks.push(hook);
+            }
+        }
+        Ok(hooks)
+    }
+
+    /// Counts of notifications and attempts, for tests and status output.
+    pub fn counts(&self) -> Result<Counts, LogError> {
+        let mut counts = Counts::default();
+        for entry in self.tree.iter() {
+            let (key, value) = entry?;
+            match key.first() {
+                Some(&SEGMENT) => counts.notifications += parse_segment(&key, &value)?.1.len(),
+                Some(&DELIVERED) => {
+                    counts.delivered += 1;
+                    if decode_ms_raw(&value) & WITH_ATTEMPT != 0 {
+                        counts.attempts += 1;
+                    }
+                }
+                Some(&STATUS) => {
+                    counts.dead += usize::from(decode_json::<Status>(&key, &value)?.dead);
+                }
+                Some(&ATTEMPT) => counts.attempts += 1,
+                _ => {}
+            }
+        }
+        counts.pending = counts
+            .notifications
+            .saturating_sub(counts.delivered + counts.dead);
+        Ok(counts)
+    }
+
+    /// Moves `hook`'s floor past its delivered notifications, up to the first one that is
+    /// not, so that scans from the start skip them. Returns whether it moved. (A redelivery
+    /// meanwhile wins: the floor is compared and swapped.)
+    pub fn advance_floor(&self, hook: &str) -> Result<bool, LogError> {
+        let (stored, floor) = self.floor(hook)?;
+        let mut to = None;
+        self.walk(hook, floor.as_ref(), u64::MAX, |key, _, mark| {
+            Ok(match mark {
+                Mark::Delivered => {
+                    to = Some(key);
+                    true
+                }
+                Mark::Waiting(_) => false,
+            })
+        })?;
+        let Some(to) = to else {
+            return Ok(false);
+        };
+        let mut value = floor_generation(stored.as_deref()).to_be_bytes().to_vec();
+        value.extend_from_slice(&to.lsn.to_be_bytes());
+        value.extend_from_slice(&to.ordinal.to_be_bytes());
+        Ok(self
+            .tree
+            .compare_and_swap(floor_key(hook), stored, Some(value))?
+            .is_ok())
+    }
+
+    /// `hook`'s floor entry as stored, and the notification it names, if any.
+    fn floor(&self, hook: &str) -> Result<(Option<sled::IVec>, Option<NotificationKey>), LogError> {
+        let stored = self.tree.get(floor_key(hook))?;
+        let at = stored.as_deref().and_then(|v| {
+            let lsn = u64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
+            let ordinal = u32::from_be_bytes(v.get(16..20)?.try_into().ok()?);
+            Some(NotificationKey {
+                hook: hook.to_string(),
+                lsn,
+                ordinal,
+            })
+        });
+        Ok((stored, at))
+    }
+
+    /// The key of the segment that holds `key`, if any: the last one starting at or before it.
+    fn segment_of(&self, key: &NotificationKey) -> Result<Option<Vec<u8>>, LogError> {
+        let prefix = hook_prefix(SEGMENT, &key.hook);
+        match self.tree.range(prefix..=key.encode(SEGMENT)).next_back() {
+            Some(entry) => Ok(Some(entry?.0.to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    /// A notification's logging time and body.
+    fn find(&self, key: &NotificationKey) -> Result<Option<(u64, Vec<u8>)>, LogError> {
+        let prefix = hook_prefix(SEGMENT, &key.hook);
+        let Some(entry) = self.tree.range(prefix..=key.encode(SEGMENT)).next_back() else {
+            return Ok(None);
+        };
+        let (segment, value) = entry?;
+        let corrupt = || LogError::Corrupt {
+            key: String::from_utf8_lossy(&segment).into_owned(),
+            reason: "segment shorter than its lengths say".into(),
+        };
+        let created = value
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(corrupt)?;
+        // Hops from header to header, without decoding the others.
+        let mut at = 8;
+        while at < value.len() {
+            let head = value.get(at..at + 16).ok_or_else(corrupt)?;
+            let lsn = u64::from_be_bytes(head[..8].try_into().map_err(|_| corrupt())?);
+            let ordinal = u32::from_be_bytes(head[8..12].try_into().map_err(|_| corrupt())?);
+            let len = u32::from_be_bytes(head[12..16].try_into().map_err(|_| corrupt())?) as usize;
+            if (lsn, ordinal) == (key.lsn, key.ordinal) {
+                let body = value.get(at + 16..at + 16 + len).ok_or_else(corrupt)?;
+                return Ok(Some((created, body.to_vec())));
+            }
+            at += 16 + len;
+        }
+        Ok(None)
+    }
+
+    /// Delivered entries and statuses of `hook`'s notifications from `lo` to `hi`.
+    fn marks(&self, hook: &str, lo: (u64, u32), hi: (u64, u32)) -> Result<Marks, LogError> {
+        let at = |kind: u8, (lsn, ordinal): (u64, u32)| {
+            NotificationKey {
+                hook: hook.to_string(),
+                lsn,
+                ordinal,
+            }
+            .encode(kind)
+        };
+        let mut marks = Marks::default();
+        for entry in self.tree.range(at(DELIVERED, lo)..=at(DELIVERED, hi)) {
+            let (key, value) = entry?;
+            let k = decode_key(&key)?;
+            marks.delivered.insert((k.lsn, k.ordinal), value);
+        }
+        for entry in self.tree.range(at(STATUS, lo)..=at(STATUS, hi)) {
+            let (key, value) = entry?;
+            let k = decode_key(&key)?;
+            marks
+                .status
+                .insert((k.lsn, k.ordinal), decode_json(&key, &value)?);
+        }
+        Ok(marks)
+    }
+
+    /// Visits `hook`'s notifications in key order after `after` (all when `None`), of
+    /// transactions up to `up_to_lsn`, each with its body and where it stands, while
+    /// `visit` returns true.
+    fn walk(
+        &self,
+        hook: &str,
+        after: Option<&NotificationKey>,
+        up_to_lsn: u64,
+        mut visit: impl FnMut(NotificationKey, &[u8], Mark) -> Result<bool, LogError>,
+    ) -> Result<(), LogError> {
+        let start = match after {
+            Some(key) => self.segment_of(key)?,
+            None => None,
+        }
+        .unwrap_or_else(|| hook_prefix(SEGMENT, hook));
+        let end = NotificationKey {
+            hook: hook.to_string(),
+            lsn: up_to_lsn,
+            ordinal: u32::MAX,
+        }
+        .encode(SEGMENT);
+        // The last notification visited: one an overlapping segment repeats is skipped.
+        let mut last = after.map(|k| (k.lsn, k.ordinal));
+        for entry in self.tree.range(start..=end) {
+            let (key, value) = entry?;
+            let (created, notes) = parse_segment(&key, &value)?;
+            let (Some(lo), Some(hi)) = (notes.first(), notes.last()) else {
+                continue;
+            };
+            let marks = self.marks(hook, (lo.lsn, lo.ordinal), (hi.lsn, hi.ordinal))?;
+            for n in &notes {
+                let at = (n.lsn, n.ordinal);
+                if n.lsn > up_to_lsn {
+                    return Ok(());
+                }
+                if last.is_some_and(|l| at <= l) {
+                    continue;
+                }
+                last = Some(at);
+                let mark = if marks.delivered.contains_key(&at) {
+                    Mark::Delivered
+                } else {
+                    Mark::Waiting(
+                        marks
+                            .status
+                            .get(&at)
+                            .cloned()
+                            .unwrap_or_else(|| fresh_status(created)),
+                    )
+                };
+                let key = NotificationKey {
+                    hook: hook.to_string(),
+                    lsn: n.lsn,
+                    ordinal: n.ordinal,
+                };
+                if !visit(key, n.body, mark)? {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every webhook with notifications in the log, in key order: one seek per webhook.
+    fn segment_hooks(&self) -> Result<Vec<String>, LogError> {
+        let mut hooks = Vec::new();
+        let mut from = vec![SEGMENT];
         while let Some(entry) = self.tree.range(from.clone()..).next() {
             let (key, _) = entry?;
-            if key.first() != Some(&PENDING) {
+            if key.first() != Some(&SEGMENT) {
                 break;
             }
             let key = decode_key(&key)?;
             // Just past every key of this webhook (the NUL after its id is followed by
             // binary LSNs; 0x01 sorts after the NUL).
-            from = hook_prefix(PENDING, &key.hook);
+            from = hook_prefix(SEGMENT, &key.hook);
             if let Some(last) = from.last_mut() {
                 *last = 1;
             }
@@ -827,35 +1236,108 @@ impl Log {
         }
         Ok(hooks)
     }
+}
 
-    /// Counts of entries per kind, for tests and status output.
-    pub fn counts(&self) -> Result<Counts, LogError> {
-        let mut counts = Counts::default();
-        for entry in self.tree.iter() {
-            let (key, value) = entry?;
-            match key.first() {
-                Some(&DELIVERED) => {
-                    counts.notifications += 1;
-                    counts.delivered += 1;
-                    if decode_ms_raw(&value) & WITH_ATTEMPT != 0 {
-                        counts.attempts += 1;
-                    }
-                }
-                Some(&ATTEMPT) => counts.attempts += 1,
-                Some(&PENDING) => {
-                    counts.notifications += 1;
-                    let (status, _) = decode_pending(&key, &value)?;
-                    if status.dead {
-                        counts.dead += 1
-                    } else {
-                        counts.pending += 1
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(counts)
+/// Where a notification stands.
+enum Mark {
+    Delivered,
+    /// Pending or dead.
+    Waiting(Status),
+}
+
+/// The delivery entries of a range of one webhook's notifications, by (LSN, ordinal).
+#[derive(Default)]
+struct Marks {
+    delivered: HashMap<(u64, u32), sled::IVec>,
+    status: HashMap<(u64, u32), Status>,
+}
+
+/// One notification in a segment.
+struct SegmentNote<'a> {
+    lsn: u64,
+    ordinal: u32,
+    body: &'a [u8],
+}
+
+/// A segment value: when it was logged, then each notification's LSN, ordinal, body length
+/// and body.
+fn segment_value<'a>(
+    created_ms: u64,
+    notes: impl IntoIterator<Item = (&'a NotificationKey, &'a [u8])>,
+) -> Vec<u8> {
+    let mut value = created_ms.to_be_bytes().to_vec();
+    for (key, body) in notes {
+        value.extend_from_slice(&key.lsn.to_be_bytes());
+        value.extend_from_slice(&key.ordinal.to_be_bytes());
+        value.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        value.extend_from_slice(body);
     }
+    value
+}
+
+/// A segment value of notes read from another.
+fn segment_value_of(created_ms: u64, notes: &[&SegmentNote<'_>]) -> Vec<u8> {
+    let mut value = created_ms.to_be_bytes().to_vec();
+    for n in notes {
+        value.extend_from_slice(&n.lsn.to_be_bytes());
+        value.extend_from_slice(&n.ordinal.to_be_bytes());
+        value.extend_from_slice(&(n.body.len() as u32).to_be_bytes());
+        value.extend_from_slice(n.body);
+    }
+    value
+}
+
+fn parse_segment<'a>(key: &[u8], value: &'a [u8]) -> Result<(u64, Vec<SegmentNote<'a>>), LogError> {
+    let corrupt = || LogError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: "segment shorter than its lengths say".into(),
+    };
+    let created = u64::from_be_bytes(
+        value
+            .get(..8)
+            .ok_or_else(corrupt)?
+            .try_into()
+            .map_err(|_| corrupt())?,
+    );
+    let mut rest = &value[8..];
+    let mut notes = Vec::new();
+    while !rest.is_empty() {
+        let head = rest.get(..16).ok_or_else(corrupt)?;
+        let lsn = u64::from_be_bytes(head[..8].try_into().map_err(|_| corrupt())?);
+        let ordinal = u32::from_be_bytes(head[8..12].try_into().map_err(|_| corrupt())?);
+        let len = u32::from_be_bytes(head[12..16].try_into().map_err(|_| corrupt())?) as usize;
+        let body = rest.get(16..16 + len).ok_or_else(corrupt)?;
+        notes.push(SegmentNote { lsn, ordinal, body });
+        rest = &rest[16 + len..];
+    }
+    Ok((created, notes))
+}
+
+/// The status of a notification never attempted, logged at `created_ms`.
+fn fresh_status(created_ms: u64) -> Status {
+    Status {
+        attempts: 0,
+        round_failures: 0,
+        next_at_ms: created_ms,
+        dead: false,
+        created_ms,
+        round: 0,
+    }
+}
+
+fn floor_key(hook: &str) -> Vec<u8> {
+    let mut key = vec![FLOOR];
+    key.extend_from_slice(hook.as_bytes());
+    key
+}
+
+/// A floor entry's generation: 8 bytes, then the notification's LSN and ordinal if any.
+fn floor_generation(stored: Option<&[u8]>) -> u64 {
+    stored
+        .and_then(|v| v.get(..8))
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
 }
 
 /// Undelivered notifications: the first ones, and counts of all.
@@ -966,11 +1448,10 @@ fn decode_pending<'a>(key: &[u8], value: &'a [u8]) -> Result<(Status, &'a [u8]),
 
 /// A `d` value: when it was delivered (8 bytes, big-endian ms, with [`WITH_ATTEMPT`] set
 /// when the successful attempt follows as its JSON's length (4 bytes, big-endian) and the
-/// JSON), then the body. Layout 2 wrote no attempt.
-fn delivered_value(at_ms: u64, attempt: Option<&Attempt>, body: &[u8]) -> Vec<u8> {
-    let attempt = attempt.map(encode_json);
-    let mut value = Vec::with_capacity(12 + attempt.as_ref().map_or(0, Vec::len) + body.len());
-    match &attempt {
+/// JSON). Layouts 2 and 3 had the body after it.
+fn delivered_value(at_ms: u64, attempt_json: Option<&[u8]>) -> Vec<u8> {
+    let mut value = Vec::with_capacity(12 + attempt_json.map_or(0, <[u8]>::len));
+    match attempt_json {
         Some(json) => {
             value.extend_from_slice(&(at_ms | WITH_ATTEMPT).to_be_bytes());
             value.extend_from_slice(&(json.len() as u32).to_be_bytes());
@@ -978,7 +1459,6 @@ fn delivered_value(at_ms: u64, attempt: Option<&Attempt>, body: &[u8]) -> Vec<u8
         }
         None => value.extend_from_slice(&at_ms.to_be_bytes()),
     }
-    value.extend_from_slice(body);
     value
 }
 
@@ -987,6 +1467,7 @@ struct DeliveredEntry<'a> {
     at_ms: u64,
     /// The successful attempt's JSON, if the entry holds it.
     attempt: Option<&'a [u8]>,
+    /// Layouts 2 and 3 only (empty once converted).
     body: &'a [u8],
 }
 
@@ -1059,6 +1540,19 @@ mod tests {
         }
     }
 
+    /// Opens a log closed a moment ago: sled releases its lock from a background thread.
+    fn reopen(dir: &Path) -> Result<Log, LogError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Log::open(dir) {
+                Err(LogError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Raw entries of `kind` (for counting what a change writes).
     fn entries_of(log: &Log, kind: u8) -> usize {
         log.tree.scan_prefix([kind]).count()
@@ -1108,30 +1602,191 @@ mod tests {
     }
 
     #[test]
-    fn a_layout_2_log_reads_as_before_and_is_marked_3() {
+    fn layout_2_and_3_entries_convert_to_segments_at_open() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let n = note("h", 7, 0);
+        let (old2, old3, fresh, dead) = (
+            note("h", 7, 0),
+            note("h", 8, 0),
+            note("h", 9, 0),
+            note("h", 9, 1),
+        );
+        let dead_status = Status {
+            attempts: 3,
+            round_failures: 3,
+            next_at_ms: 77,
+            dead: true,
+            created_ms: 9,
+            round: 0,
+        };
         {
             let log = Log::open(dir.path()).expect("open");
-            // What layout 2 wrote for a delivered notification: time, body; its attempt apart.
-            let mut old = 4242u64.to_be_bytes().to_vec();
-            old.extend_from_slice(&n.body);
+            // Layout 2's delivered entry: time, body; its attempt apart.
+            let mut v2 = 4242u64.to_be_bytes().to_vec();
+            v2.extend_from_slice(&old2.body);
+            // Layout 3's: time with the flag, its attempt, the body.
+            let mut v3 = delivered_value(4343, Some(&encode_json(&attempt(1, 200))));
+            v3.extend_from_slice(&old3.body);
             log.write_raw(&[
-                (n.key.encode(DELIVERED), Some(old)),
-                (n.key.attempt_key(1), Some(encode_json(&attempt(1, 200)))),
-                (LAYOUT.to_vec(), Some(vec![2])),
+                (old2.key.encode(DELIVERED), Some(v2)),
+                (old2.key.attempt_key(1), Some(encode_json(&attempt(1, 200)))),
+                (old3.key.encode(DELIVERED), Some(v3)),
+                (
+                    fresh.key.encode(PENDING),
+                    Some(pending_value(&encode_json(&fresh_status(9)), &fresh.body)),
+                ),
+                (
+                    dead.key.encode(PENDING),
+                    Some(pending_value(&encode_json(&dead_status), &dead.body)),
+                ),
+                (dead.key.attempt_key(3), Some(encode_json(&attempt(3, 500)))),
+                (LAYOUT.to_vec(), Some(vec![3])),
             ])
-            .expect("layout 2");
+            .expect("layout 3");
         }
-        let log = Log::open(dir.path()).expect("reopen");
+        let log = reopen(dir.path()).expect("reopen");
         assert_eq!(
             log.get_raw(LAYOUT).expect("layout").as_deref(),
-            Some(&[3u8][..])
+            Some(&[4u8][..])
         );
-        let d = log.detail(&n.key).expect("detail").expect("exists");
+        assert_eq!(entries_of(&log, PENDING), 0);
+        let d = log.detail(&old2.key).expect("detail").expect("exists");
         assert!(matches!(d.state, State::Delivered { at_ms: 4242 }));
-        assert_eq!(d.body, n.body);
-        assert_eq!(d.attempts, vec![attempt(1, 200)]);
+        assert_eq!((d.body, d.attempts), (old2.body, vec![attempt(1, 200)]));
+        let d = log.detail(&old3.key).expect("detail").expect("exists");
+        assert!(matches!(d.state, State::Delivered { at_ms: 4343 }));
+        assert_eq!((d.body, d.attempts), (old3.body, vec![attempt(1, 200)]));
+        let d = log.detail(&fresh.key).expect("detail").expect("exists");
+        assert_eq!(
+            (d.state, d.body),
+            (State::Pending(fresh_status(9)), fresh.body)
+        );
+        let d = log.detail(&dead.key).expect("detail").expect("exists");
+        assert_eq!((d.state, d.body), (State::Dead(dead_status), dead.body));
+        assert_eq!(entries_of(&log, STATUS), 1, "a fresh status is not stored");
+        let counts = log.counts().expect("counts");
+        assert_eq!(
+            (
+                counts.notifications,
+                counts.pending,
+                counts.dead,
+                counts.delivered
+            ),
+            (4, 1, 1, 2)
+        );
+        // Opening again converts nothing more.
+        drop(log);
+        let log = reopen(dir.path()).expect("third open");
+        assert_eq!(log.counts().expect("counts"), counts);
+    }
+
+    #[test]
+    fn a_write_is_one_segment_per_webhook_up_to_the_segment_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path()).expect("open");
+        let small: Vec<NewNotification> = (0..100u32)
+            .flat_map(|i| {
+                [
+                    note("a", 10 + u64::from(i), 0),
+                    note("b", 10 + u64::from(i), 0),
+                ]
+            })
+            .collect();
+        log.append(&small, None, 0).expect("append");
+        assert_eq!(entries_of(&log, SEGMENT), 2);
+        // Bodies of 5 KB: three per segment.
+        let big: Vec<NewNotification> = (0..7u32)
+            .map(|i| NewNotification {
+                key: key("c", 1, i),
+                body: vec![b'x'; 5000],
+            })
+            .collect();
+        log.append(&big, None, 0).expect("append");
+        assert_eq!(entries_of(&log, SEGMENT), 2 + 3);
+        let all = log
+            .pending("c", None, u64::MAX, 100)
+            .expect("pending")
+            .items;
+        assert_eq!(all.len(), 7);
+        for n in big.iter().chain(&small) {
+            assert_eq!(log.body(&n.key).expect("body").as_ref(), Some(&n.body));
+        }
+    }
+
+    #[test]
+    fn a_transaction_written_again_replaces_the_segments_of_the_earlier_pass() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path()).expect("open");
+        // An interrupted pass wrote transaction 5 in two chunks, and one more notification.
+        log.append(&[note("h", 5, 0), note("h", 5, 1)], None, 0)
+            .expect("chunk");
+        log.append(
+            &[note("h", 5, 2), note("h", 5, 3), note("h", 5, 4)],
+            None,
+            0,
+        )
+        .expect("chunk");
+        // This pass writes it at once, with one notification fewer.
+        let again: Vec<NewNotification> = (0..4).map(|i| note("h", 5, i)).collect();
+        log.append(&again, None, 0).expect("again");
+        log.truncate_transaction("h", 5, 4).expect("truncate");
+        let keys: Vec<u32> = log
+            .pending("h", None, u64::MAX, 100)
+            .expect("pending")
+            .items
+            .into_iter()
+            .map(|(k, _)| k.ordinal)
+            .collect();
+        assert_eq!(keys, vec![0, 1, 2, 3]);
+        assert_eq!(log.counts().expect("counts").notifications, 4);
+    }
+
+    #[test]
+    fn the_floor_skips_delivered_notifications_until_a_redelivery() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path()).expect("open");
+        let notes: Vec<NewNotification> =
+            (0..6u32).map(|i| note("h", 1 + u64::from(i), 0)).collect();
+        log.append(&notes, None, 0).expect("append");
+        for n in &notes[..3] {
+            log.record_attempt(&n.key, &attempt(1, 200), AfterAttempt::Delivered)
+                .expect("delivered");
+        }
+        // The fifth is delivered too, but the fourth is not: the floor stops before it.
+        log.record_attempt(&notes[4].key, &attempt(1, 200), AfterAttempt::Delivered)
+            .expect("delivered");
+        assert!(log.advance_floor("h").expect("floor"));
+        assert_eq!(log.floor("h").expect("floor").1, Some(notes[2].key.clone()));
+        assert!(
+            !log.advance_floor("h").expect("floor"),
+            "nothing more to skip"
+        );
+        let from_start = |log: &Log| -> Vec<u64> {
+            log.pending("h", None, u64::MAX, 100)
+                .expect("pending")
+                .items
+                .into_iter()
+                .map(|(k, _)| k.lsn)
+                .collect()
+        };
+        assert_eq!(from_start(&log), vec![4, 6]);
+        // A redelivered notification under the floor is found from the start again, and the
+        // floor does not pass it while it waits.
+        assert!(log.redeliver(&notes[1].key, 5).expect("redeliver"));
+        assert_eq!(log.floor("h").expect("floor").1, None);
+        assert_eq!(from_start(&log), vec![2, 4, 6]);
+        assert!(log.advance_floor("h").expect("floor"));
+        assert_eq!(log.floor("h").expect("floor").1, Some(notes[0].key.clone()));
+        assert_eq!(from_start(&log), vec![2, 4, 6]);
+        // A floor computed from what was read before a redelivery is not written over it.
+        let (stored, _) = log.floor("h").expect("floor");
+        assert!(log.redeliver(&notes[0].key, 5).expect("redeliver"));
+        assert!(log
+            .tree
+            .compare_and_swap(floor_key("h"), stored, Some(vec![0u8; 20]))
+            .expect("cas")
+            .is_err());
+        assert_eq!(from_start(&log), vec![1, 2, 4, 6]);
+        assert_eq!(log.hooks_with_undelivered().expect("hooks"), vec!["h"]);
     }
 
     #[test]
@@ -1351,7 +2006,7 @@ mod tests {
             entries.push((LAYOUT.to_vec(), None));
             log.write_bulk(&entries).expect("first layout");
         }
-        let log = Log::open(dir.path()).expect("reopen converts");
+        let log = reopen(dir.path()).expect("reopen converts");
         assert!(log
             .scan_raw(&[NOTIFICATION], &[NOTIFICATION], 1)
             .expect("scan")
@@ -1499,7 +2154,7 @@ mod tests {
             log.write_raw(&[(LAYOUT.to_vec(), Some(vec![LAYOUT_VERSION + 1]))])
                 .expect("newer");
         }
-        match Log::open(dir.path()) {
+        match reopen(dir.path()) {
             Err(e @ LogError::Layout { .. }) => assert!(e.to_string().contains("newer walhook")),
             Err(e) => panic!("unexpected error: {e}"),
             Ok(_) => panic!("opened a newer layout"),
