@@ -1178,10 +1178,14 @@ impl Log {
         let mut last = after.map(|k| (k.lsn, k.ordinal));
         for entry in self.tree.range(start..=end) {
             let (key, value) = entry?;
-            let (created, notes) = parse_segment(&key, &value)?;
+            let (created, mut notes) = parse_segment(&key, &value)?;
+            if let Some(l) = last {
+                notes.retain(|n| (n.lsn, n.ordinal) > l);
+            }
             let (Some(lo), Some(hi)) = (notes.first(), notes.last()) else {
                 continue;
             };
+            // (Only those after `after`: a queue reads on from the middle of a segment.)
             let marks = self.marks(hook, (lo.lsn, lo.ordinal), (hi.lsn, hi.ordinal))?;
             for n in &notes {
                 let at = (n.lsn, n.ordinal);
