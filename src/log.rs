@@ -16,7 +16,8 @@
 //! b'a' hook \0 lsn ordinal attempt    → Attempt record (a delivered entry holds its own
 //!                                        successful attempt instead)
 //! b'f' hook                           → floor: every notification of the webhook up to a
-//!                                        key is delivered (where a scan from the start begins)
+//!                                        key is delivered or has a `u` entry (a scan from the
+//!                                        start reads those, then goes on from there)
 //! b'm' "position"                     → commit LSN and end LSN of the last logged transaction
 //! b'm' "layout"                       → this layout's version (4; the first had none)
 //! b'm' "origin", "recheck", "applying", "spilling" → the database and slot; recheck
@@ -337,11 +338,7 @@ impl Log {
     fn convert_first_layout(&self) -> Result<(), LogError> {
         let mut converted = 0usize;
         loop {
-            let page = self
-                .tree
-                .scan_prefix([NOTIFICATION])
-                .take(BULK_CHUNK)
-                .collect::<Result<Vec<_>, _>>()?;
+            let page = self.first_page(NOTIFICATION)?;
             if page.is_empty() {
                 break;
             }
@@ -377,6 +374,15 @@ impl Log {
         Ok(())
     }
 
+    /// The first entries of `kind` (a conversion page: converted ones are removed).
+    fn first_page(&self, kind: u8) -> Result<Vec<(sled::IVec, sled::IVec)>, LogError> {
+        Ok(self
+            .tree
+            .scan_prefix([kind])
+            .take(BULK_CHUNK)
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Moves the entries of layouts 2 and 3 (one per notification, the body inside) into
     /// segments of one notification each, a page at a time, each page one atomic batch: a
     /// crash resumes where it stopped (a `p` entry left, or a `d` entry with a body, is
@@ -391,11 +397,7 @@ impl Log {
         };
         // Pending and dead: a segment, and the status unless it is a fresh one's.
         loop {
-            let page = self
-                .tree
-                .scan_prefix([PENDING])
-                .take(BULK_CHUNK)
-                .collect::<Result<Vec<_>, _>>()?;
+            let page = self.first_page(PENDING)?;
             if page.is_empty() {
                 break;
             }
@@ -406,7 +408,7 @@ impl Log {
                 let (status, body) = decode_pending(key, value)?;
                 batch.insert(
                     nkey.encode(SEGMENT),
-                    segment_value(status.created_ms, [(&nkey, body)]),
+                    segment_value(status.created_ms, [SegmentNote::of(&nkey, body)]),
                 );
                 if status != fresh_status(status.created_ms) {
                     batch.insert(nkey.encode(STATUS), encode_json(&status));
@@ -435,7 +437,7 @@ impl Log {
                 let nkey = decode_key(key)?;
                 batch.insert(
                     nkey.encode(SEGMENT),
-                    segment_value(entry.at_ms, [(&nkey, entry.body)]),
+                    segment_value(entry.at_ms, [SegmentNote::of(&nkey, entry.body)]),
                 );
                 batch.insert(key, delivered_value(entry.at_ms, entry.attempt));
                 n += 1;
@@ -503,30 +505,50 @@ impl Log {
         for notes in by_hook.values_mut() {
             notes.sort_by_key(|n| (n.key.lsn, n.key.ordinal));
             notes.dedup_by_key(|n| (n.key.lsn, n.key.ordinal));
+            let (Some(first), Some(last)) = (notes.first(), notes.last()) else {
+                continue;
+            };
+            // Segments already in the log inside this write's range (a huge transaction's
+            // chunks, written before its commit; an interrupted earlier pass's): no segment
+            // of this write spans one, so segments never overlap, and one that starts where
+            // this write has a notification is replaced.
+            let (first, last) = (first.key.encode(SEGMENT), last.key.encode(SEGMENT));
+            let mut starts = Vec::new();
+            for old in self
+                .tree
+                .range::<&[u8], _>((Bound::Excluded(&first[..]), Bound::Included(&last[..])))
+                .keys()
+            {
+                let k = decode_key(&old?)?;
+                starts.push((k.lsn, k.ordinal));
+            }
+            let mut next_start = starts.into_iter().peekable();
             let mut rest = &notes[..];
             while !rest.is_empty() {
                 let mut take = 1;
                 let mut bytes = rest[0].body.len();
+                while let Some(&start) = next_start.peek() {
+                    if start > (rest[0].key.lsn, rest[0].key.ordinal) {
+                        break;
+                    }
+                    next_start.next();
+                }
                 while take < rest.len() && bytes + rest[take].body.len() <= SEGMENT_BYTES {
+                    let at = (rest[take].key.lsn, rest[take].key.ordinal);
+                    if next_start.peek().is_some_and(|&start| at >= start) {
+                        break;
+                    }
                     bytes += rest[take].body.len();
                     take += 1;
                 }
                 let (chunk, later) = rest.split_at(take);
                 rest = later;
-                let first = chunk[0].key.encode(SEGMENT);
-                let last = chunk[take - 1].key.encode(SEGMENT);
-                // Segments an interrupted earlier pass over these transactions left inside
-                // this one's range. (No delivery marks exist for them: delivery reads only
-                // transactions up to the logged position, which that pass did not reach.)
-                for old in self
-                    .tree
-                    .range::<&[u8], _>((Bound::Excluded(&first[..]), Bound::Included(&last[..])))
-                {
-                    batch.remove(old?.0);
-                }
                 batch.insert(
-                    first,
-                    segment_value(now_ms, chunk.iter().map(|n| (&n.key, &n.body[..]))),
+                    chunk[0].key.encode(SEGMENT),
+                    segment_value(
+                        now_ms,
+                        chunk.iter().map(|n| SegmentNote::of(&n.key, &n.body)),
+                    ),
                 );
                 segments += 1;
             }
@@ -565,11 +587,11 @@ impl Log {
                 continue;
             }
             any = true;
-            let kept: Vec<&SegmentNote<'_>> = notes.iter().filter(|n| !cut(n)).collect();
+            let kept: Vec<SegmentNote<'_>> = notes.into_iter().filter(|n| !cut(n)).collect();
             if kept.is_empty() {
                 batch.remove(key);
             } else {
-                batch.insert(key, segment_value_of(created, &kept));
+                batch.insert(key, segment_value(created, kept));
             }
         }
         for kind in [DELIVERED, STATUS, ATTEMPT] {
@@ -678,8 +700,8 @@ impl Log {
         Ok(())
     }
 
-    /// Pending (not dead) notifications of `hook` after `after` (from the webhook's floor
-    /// when `None`), in commit order, from transactions up to `up_to_lsn`; at most `limit`.
+    /// Pending (not dead) notifications of `hook` after `after` (all when `None`), in
+    /// commit order, from transactions up to `up_to_lsn`; at most `limit`.
     pub fn pending(
         &self,
         hook: &str,
@@ -687,23 +709,56 @@ impl Log {
         up_to_lsn: u64,
         limit: usize,
     ) -> Result<Pending, LogError> {
-        let floor = match after {
-            Some(_) => None,
-            None => self.floor(hook)?.1,
-        };
-        let from = after.or(floor.as_ref());
         let mut out = Pending::default();
-        self.walk(hook, from, up_to_lsn, |key, _, mark| {
+        let mut from = after.cloned();
+        if after.is_none() {
+            // Up to the floor only notifications with a status wait.
+            let floor = self.floor(hook)?.1;
+            for (key, status) in self.waiting_under(hook, floor.as_ref())? {
+                if key.lsn > up_to_lsn {
+                    return Ok(out);
+                }
+                out.scanned_to = Some(key.clone());
+                if !status.dead {
+                    out.items.push((key, status));
+                    if out.items.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            from = floor;
+        }
+        self.walk(hook, from.as_ref(), up_to_lsn, |key, _, mark| {
             // Delivered and dead ones move the scan on too, so they are not read again on
             // every pass.
             out.scanned_to = Some(key.clone());
-            if let Mark::Waiting(status) = mark {
+            if let Mark::Waiting(status, _) = mark {
                 if !status.dead {
                     out.items.push((key, status));
                 }
             }
             Ok(out.items.len() < limit)
         })?;
+        Ok(out)
+    }
+
+    /// `hook`'s notifications up to its floor that wait: each has a status entry.
+    fn waiting_under(
+        &self,
+        hook: &str,
+        floor: Option<&NotificationKey>,
+    ) -> Result<Vec<(NotificationKey, Status)>, LogError> {
+        let Some(floor) = floor else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for entry in self
+            .tree
+            .range(hook_prefix(STATUS, hook)..=floor.encode(STATUS))
+        {
+            let (key, value) = entry?;
+            out.push((decode_key(&key)?, decode_json(&key, &value)?));
+        }
         Ok(out)
     }
 
@@ -825,15 +880,21 @@ impl Log {
         let mut out = Undelivered::default();
         for hook in self.segment_hooks()? {
             let floor = self.floor(&hook)?.1;
+            let mut add = |key: NotificationKey, status: Status| {
+                out.total += 1;
+                if status.dead {
+                    out.dead += 1;
+                }
+                if out.items.len() < limit {
+                    out.items.push((key, status));
+                }
+            };
+            for (key, status) in self.waiting_under(&hook, floor.as_ref())? {
+                add(key, status);
+            }
             self.walk(&hook, floor.as_ref(), u64::MAX, |key, _, mark| {
-                if let Mark::Waiting(status) = mark {
-                    out.total += 1;
-                    if status.dead {
-                        out.dead += 1;
-                    }
-                    if out.items.len() < limit {
-                        out.items.push((key, status));
-                    }
+                if let Mark::Waiting(status, _) = mark {
+                    add(key, status);
                 }
                 Ok(true)
             })?;
@@ -915,11 +976,7 @@ impl Log {
             }
             batch.remove(key.encode(DELIVERED));
         }
-        // A scan from the webhook's start must meet it again: the floor goes, with a new
-        // generation, so that a floor computed meanwhile is not written over it.
-        let floor_key = floor_key(&key.hook);
-        let generation = floor_generation(self.tree.get(&floor_key)?.as_deref()) + 1;
-        batch.insert(floor_key, generation.to_be_bytes().to_vec());
+        // (Under the webhook's floor too, a scan from the start finds it by its status.)
         self.tree.apply_batch(batch)?;
         Ok(true)
     }
@@ -941,23 +998,32 @@ impl Log {
     }
 
     /// Removes delivered notifications (body, record and attempts) delivered before
-    /// `cutoff_ms`, and moves each webhook's floor up first. Returns how many.
+    /// `cutoff_ms`, and moves each webhook's floor up first. Returns how many. Each segment
+    /// is rewritten under the status lock, with its delivery entries read again there: a
+    /// redelivery meanwhile keeps its notification.
     pub fn prune_delivered(&self, cutoff_ms: u64) -> Result<usize, LogError> {
         let mut pruned = 0;
-        let mut batch = sled::Batch::default();
-        let mut pending_writes = 0;
         for hook in self.segment_hooks()? {
             self.advance_floor(&hook)?;
-            let prefix = hook_prefix(SEGMENT, &hook);
-            for entry in self.tree.scan_prefix(&prefix) {
+            let mut candidates = Vec::new();
+            for entry in self.tree.scan_prefix(hook_prefix(SEGMENT, &hook)) {
                 let (key, value) = entry?;
-                let (created, notes) = parse_segment(&key, &value)?;
                 // Segments are logged in order, and nothing is delivered before it is logged.
-                if created >= cutoff_ms {
+                if segment_notes(&key, &value)?.0 >= cutoff_ms {
                     break;
                 }
+                candidates.push(key);
+            }
+            for key in candidates {
+                let _status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(value) = self.tree.get(&key)? else {
+                    continue;
+                };
+                let (created, notes) = parse_segment(&key, &value)?;
+                let mut batch = sled::Batch::default();
                 let (Some(lo), Some(hi)) = (notes.first(), notes.last()) else {
                     batch.remove(key);
+                    self.tree.apply_batch(batch)?;
                     continue;
                 };
                 let marks = self.marks(&hook, (lo.lsn, lo.ordinal), (hi.lsn, hi.ordinal))?;
@@ -967,7 +1033,8 @@ impl Log {
                         .get(&(n.lsn, n.ordinal))
                         .is_some_and(|d| decode_ms(d) < cutoff_ms)
                 };
-                let kept: Vec<&SegmentNote<'_>> = notes.iter().filter(|n| !old(n)).collect();
+                let kept: Vec<SegmentNote<'_>> =
+                    notes.iter().filter(|n| !old(n)).copied().collect();
                 if kept.len() == notes.len() {
                     continue;
                 }
@@ -982,22 +1049,17 @@ impl Log {
                     }
                     batch.remove(nkey.encode(DELIVERED));
                     pruned += 1;
-                    pending_writes += 2;
                 }
+                let removed = notes.len() - kept.len();
                 if kept.is_empty() {
                     batch.remove(key);
                 } else {
-                    batch.insert(key, segment_value_of(created, &kept));
+                    batch.insert(key, segment_value(created, kept));
                 }
-                if pending_writes >= 2000 {
-                    self.tree.apply_batch(std::mem::take(&mut batch))?;
-                    reclaim(pending_writes);
-                    pending_writes = 0;
-                }
+                self.tree.apply_batch(batch)?;
+                reclaim(2 * removed);
             }
         }
-        self.tree.apply_batch(batch)?;
-        reclaim(pending_writes);
         Ok(pruned)
     }
 
@@ -1006,11 +1068,13 @@ impl Log {
         let mut hooks = Vec::new();
         for hook in self.segment_hooks()? {
             let floor = self.floor(&hook)?.1;
-            let mut waiting = false;
-            self.walk(&hook, floor.as_ref(), u64::MAX, |_, _, mark| {
-                waiting = matches!(mark, Mark::Waiting(_));
-                Ok(!waiting)
-            })?;
+            let mut waiting = !self.waiting_under(&hook, floor.as_ref())?.is_empty();
+            if !waiting {
+                self.walk(&hook, floor.as_ref(), u64::MAX, |_, _, mark| {
+                    waiting = matches!(mark, Mark::Waiting(..));
+                    Ok(!waiting)
+                })?;
+            }
             if waiting {
                 hooks.push(hook);
             }
@@ -1044,26 +1108,26 @@ impl Log {
         Ok(counts)
     }
 
-    /// Moves `hook`'s floor past its delivered notifications, up to the first one that is
-    /// not, so that scans from the start skip them. Returns whether it moved. (A redelivery
-    /// meanwhile wins: the floor is compared and swapped.)
+    /// Moves `hook`'s floor past its delivered notifications and those with a status entry,
+    /// up to the first one never attempted, so that scans from the start skip them (and
+    /// find the waiting ones below it by their status entries). Returns whether it moved.
+    /// (Compared and swapped: of two concurrent moves, the one from an older floor loses.)
     pub fn advance_floor(&self, hook: &str) -> Result<bool, LogError> {
         let (stored, floor) = self.floor(hook)?;
         let mut to = None;
         self.walk(hook, floor.as_ref(), u64::MAX, |key, _, mark| {
             Ok(match mark {
-                Mark::Delivered => {
+                Mark::Delivered | Mark::Waiting(_, true) => {
                     to = Some(key);
                     true
                 }
-                Mark::Waiting(_) => false,
+                Mark::Waiting(_, false) => false,
             })
         })?;
         let Some(to) = to else {
             return Ok(false);
         };
-        let mut value = floor_generation(stored.as_deref()).to_be_bytes().to_vec();
-        value.extend_from_slice(&to.lsn.to_be_bytes());
+        let mut value = to.lsn.to_be_bytes().to_vec();
         value.extend_from_slice(&to.ordinal.to_be_bytes());
         Ok(self
             .tree
@@ -1075,8 +1139,8 @@ impl Log {
     fn floor(&self, hook: &str) -> Result<(Option<sled::IVec>, Option<NotificationKey>), LogError> {
         let stored = self.tree.get(floor_key(hook))?;
         let at = stored.as_deref().and_then(|v| {
-            let lsn = u64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
-            let ordinal = u32::from_be_bytes(v.get(16..20)?.try_into().ok()?);
+            let lsn = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+            let ordinal = u32::from_be_bytes(v.get(8..12)?.try_into().ok()?);
             Some(NotificationKey {
                 hook: hook.to_string(),
                 lsn,
@@ -1102,29 +1166,15 @@ impl Log {
             return Ok(None);
         };
         let (segment, value) = entry?;
-        let corrupt = || LogError::Corrupt {
-            key: String::from_utf8_lossy(&segment).into_owned(),
-            reason: "segment shorter than its lengths say".into(),
-        };
-        let created = value
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_be_bytes)
-            .ok_or_else(corrupt)?;
-        // Hops from header to header, without decoding the others.
-        let mut at = 8;
-        while at < value.len() {
-            let head = value.get(at..at + 16).ok_or_else(corrupt)?;
-            let lsn = u64::from_be_bytes(head[..8].try_into().map_err(|_| corrupt())?);
-            let ordinal = u32::from_be_bytes(head[8..12].try_into().map_err(|_| corrupt())?);
-            let len = u32::from_be_bytes(head[12..16].try_into().map_err(|_| corrupt())?) as usize;
-            if (lsn, ordinal) == (key.lsn, key.ordinal) {
-                let body = value.get(at + 16..at + 16 + len).ok_or_else(corrupt)?;
-                return Ok(Some((created, body.to_vec())));
-            }
-            at += 16 + len;
-        }
-        Ok(None)
+        let (created, mut notes) = segment_notes(&segment, &value)?;
+        // Header by header, copying only the body asked for.
+        notes
+            .find(|n| {
+                n.as_ref()
+                    .map_or(true, |n| (n.lsn, n.ordinal) == (key.lsn, key.ordinal))
+            })
+            .transpose()
+            .map(|n| n.map(|n| (created, n.body.to_vec())))
     }
 
     /// Delivered entries and statuses of `hook`'s notifications from `lo` to `hi`.
@@ -1199,13 +1249,10 @@ impl Log {
                 let mark = if marks.delivered.contains_key(&at) {
                     Mark::Delivered
                 } else {
-                    Mark::Waiting(
-                        marks
-                            .status
-                            .get(&at)
-                            .cloned()
-                            .unwrap_or_else(|| fresh_status(created)),
-                    )
+                    match marks.status.get(&at) {
+                        Some(status) => Mark::Waiting(status.clone(), true),
+                        None => Mark::Waiting(fresh_status(created), false),
+                    }
                 };
                 let key = NotificationKey {
                     hook: hook.to_string(),
@@ -1245,8 +1292,8 @@ impl Log {
 /// Where a notification stands.
 enum Mark {
     Delivered,
-    /// Pending or dead.
-    Waiting(Status),
+    /// Pending or dead; whether the status is stored (a `u` entry) rather than a fresh one.
+    Waiting(Status, bool),
 }
 
 /// The delivery entries of a range of one webhook's notifications, by (LSN, ordinal).
@@ -1257,30 +1304,26 @@ struct Marks {
 }
 
 /// One notification in a segment.
+#[derive(Clone, Copy)]
 struct SegmentNote<'a> {
     lsn: u64,
     ordinal: u32,
     body: &'a [u8],
 }
 
-/// A segment value: when it was logged, then each notification's LSN, ordinal, body length
-/// and body.
-fn segment_value<'a>(
-    created_ms: u64,
-    notes: impl IntoIterator<Item = (&'a NotificationKey, &'a [u8])>,
-) -> Vec<u8> {
-    let mut value = created_ms.to_be_bytes().to_vec();
-    for (key, body) in notes {
-        value.extend_from_slice(&key.lsn.to_be_bytes());
-        value.extend_from_slice(&key.ordinal.to_be_bytes());
-        value.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        value.extend_from_slice(body);
+impl<'a> SegmentNote<'a> {
+    fn of(key: &NotificationKey, body: &'a [u8]) -> SegmentNote<'a> {
+        SegmentNote {
+            lsn: key.lsn,
+            ordinal: key.ordinal,
+            body,
+        }
     }
-    value
 }
 
-/// A segment value of notes read from another.
-fn segment_value_of(created_ms: u64, notes: &[&SegmentNote<'_>]) -> Vec<u8> {
+/// A segment value: when it was logged, then each notification's LSN, ordinal, body length
+/// and body.
+fn segment_value<'a>(created_ms: u64, notes: impl IntoIterator<Item = SegmentNote<'a>>) -> Vec<u8> {
     let mut value = created_ms.to_be_bytes().to_vec();
     for n in notes {
         value.extend_from_slice(&n.lsn.to_be_bytes());
@@ -1291,30 +1334,62 @@ fn segment_value_of(created_ms: u64, notes: &[&SegmentNote<'_>]) -> Vec<u8> {
     value
 }
 
+/// A segment's logging time and its notifications, read one at a time.
+fn segment_notes<'a>(key: &[u8], value: &'a [u8]) -> Result<(u64, SegmentNotes<'a>), LogError> {
+    let created = value
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| segment_corrupt(key))?;
+    Ok((
+        created,
+        SegmentNotes {
+            key: key.to_vec(),
+            rest: &value[8..],
+        },
+    ))
+}
+
+/// A segment's logging time and all its notifications.
 fn parse_segment<'a>(key: &[u8], value: &'a [u8]) -> Result<(u64, Vec<SegmentNote<'a>>), LogError> {
-    let corrupt = || LogError::Corrupt {
+    let (created, notes) = segment_notes(key, value)?;
+    Ok((created, notes.collect::<Result<_, _>>()?))
+}
+
+fn segment_corrupt(key: &[u8]) -> LogError {
+    LogError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
         reason: "segment shorter than its lengths say".into(),
-    };
-    let created = u64::from_be_bytes(
-        value
-            .get(..8)
-            .ok_or_else(corrupt)?
-            .try_into()
-            .map_err(|_| corrupt())?,
-    );
-    let mut rest = &value[8..];
-    let mut notes = Vec::new();
-    while !rest.is_empty() {
-        let head = rest.get(..16).ok_or_else(corrupt)?;
-        let lsn = u64::from_be_bytes(head[..8].try_into().map_err(|_| corrupt())?);
-        let ordinal = u32::from_be_bytes(head[8..12].try_into().map_err(|_| corrupt())?);
-        let len = u32::from_be_bytes(head[12..16].try_into().map_err(|_| corrupt())?) as usize;
-        let body = rest.get(16..16 + len).ok_or_else(corrupt)?;
-        notes.push(SegmentNote { lsn, ordinal, body });
-        rest = &rest[16 + len..];
     }
-    Ok((created, notes))
+}
+
+/// The notifications of a segment value, header by header (a body is not copied).
+struct SegmentNotes<'a> {
+    key: Vec<u8>,
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for SegmentNotes<'a> {
+    type Item = Result<SegmentNote<'a>, LogError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let note = (|| {
+            let head = self.rest.get(..16)?;
+            let lsn = u64::from_be_bytes(head[..8].try_into().ok()?);
+            let ordinal = u32::from_be_bytes(head[8..12].try_into().ok()?);
+            let len = u32::from_be_bytes(head[12..16].try_into().ok()?) as usize;
+            let body = self.rest.get(16..16 + len)?;
+            self.rest = &self.rest[16 + len..];
+            Some(SegmentNote { lsn, ordinal, body })
+        })();
+        if note.is_none() {
+            self.rest = &[];
+        }
+        Some(note.ok_or_else(|| segment_corrupt(&self.key)))
+    }
 }
 
 /// The status of a notification never attempted, logged at `created_ms`.
@@ -1333,15 +1408,6 @@ fn floor_key(hook: &str) -> Vec<u8> {
     let mut key = vec![FLOOR];
     key.extend_from_slice(hook.as_bytes());
     key
-}
-
-/// A floor entry's generation: 8 bytes, then the notification's LSN and ordinal if any.
-fn floor_generation(stored: Option<&[u8]>) -> u64 {
-    stored
-        .and_then(|v| v.get(..8))
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_be_bytes)
-        .unwrap_or(0)
 }
 
 /// Undelivered notifications: the first ones, and counts of all.
@@ -1745,25 +1811,28 @@ mod tests {
     }
 
     #[test]
-    fn the_floor_skips_delivered_notifications_until_a_redelivery() {
+    fn a_segment_shorter_than_its_lengths_is_reported_corrupt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path()).expect("open");
+        let n = note("h", 3, 0);
+        let mut value = segment_value(1, [SegmentNote::of(&n.key, &n.body)]);
+        value.truncate(value.len() - 1);
+        log.write_raw(&[(n.key.encode(SEGMENT), Some(value))])
+            .expect("raw");
+        match log.body(&n.key) {
+            Err(LogError::Corrupt { reason, .. }) => assert!(reason.contains("segment")),
+            other => panic!("not reported corrupt: {other:?}"),
+        }
+        assert!(log.pending("h", None, u64::MAX, 10).is_err());
+    }
+
+    #[test]
+    fn the_floor_skips_delivered_notifications_and_keeps_waiting_ones_in_view() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = Log::open(dir.path()).expect("open");
         let notes: Vec<NewNotification> =
             (0..6u32).map(|i| note("h", 1 + u64::from(i), 0)).collect();
         log.append(&notes, None, 0).expect("append");
-        for n in &notes[..3] {
-            log.record_attempt(&n.key, &attempt(1, 200), AfterAttempt::Delivered)
-                .expect("delivered");
-        }
-        // The fifth is delivered too, but the fourth is not: the floor stops before it.
-        log.record_attempt(&notes[4].key, &attempt(1, 200), AfterAttempt::Delivered)
-            .expect("delivered");
-        assert!(log.advance_floor("h").expect("floor"));
-        assert_eq!(log.floor("h").expect("floor").1, Some(notes[2].key.clone()));
-        assert!(
-            !log.advance_floor("h").expect("floor"),
-            "nothing more to skip"
-        );
         let from_start = |log: &Log| -> Vec<u64> {
             log.pending("h", None, u64::MAX, 100)
                 .expect("pending")
@@ -1772,25 +1841,81 @@ mod tests {
                 .map(|(k, _)| k.lsn)
                 .collect()
         };
-        assert_eq!(from_start(&log), vec![4, 6]);
-        // A redelivered notification under the floor is found from the start again, and the
-        // floor does not pass it while it waits.
-        assert!(log.redeliver(&notes[1].key, 5).expect("redeliver"));
-        assert_eq!(log.floor("h").expect("floor").1, None);
-        assert_eq!(from_start(&log), vec![2, 4, 6]);
+        for i in [0, 1, 2, 4] {
+            log.record_attempt(&notes[i].key, &attempt(1, 200), AfterAttempt::Delivered)
+                .expect("delivered");
+        }
+        // The fifth is delivered too, but the fourth was never attempted: the floor stops
+        // before it.
         assert!(log.advance_floor("h").expect("floor"));
-        assert_eq!(log.floor("h").expect("floor").1, Some(notes[0].key.clone()));
+        assert_eq!(log.floor("h").expect("floor").1, Some(notes[2].key.clone()));
+        assert!(
+            !log.advance_floor("h").expect("floor"),
+            "nothing more to skip"
+        );
+        assert_eq!(from_start(&log), vec![4, 6]);
+        // A redelivered notification under the floor is found from the start by its status.
+        assert!(log.redeliver(&notes[1].key, 5).expect("redeliver"));
         assert_eq!(from_start(&log), vec![2, 4, 6]);
-        // A floor computed from what was read before a redelivery is not written over it.
-        let (stored, _) = log.floor("h").expect("floor");
-        assert!(log.redeliver(&notes[0].key, 5).expect("redeliver"));
-        assert!(log
-            .tree
-            .compare_and_swap(floor_key("h"), stored, Some(vec![0u8; 20]))
-            .expect("cas")
-            .is_err());
-        assert_eq!(from_start(&log), vec![1, 2, 4, 6]);
+        // A failed one does not hold the floor back either, and a dead one is not pending.
+        log.record_attempt(&notes[3].key, &attempt(1, 500), AfterAttempt::Dead)
+            .expect("dead");
+        assert!(log.advance_floor("h").expect("floor"));
+        assert_eq!(log.floor("h").expect("floor").1, Some(notes[4].key.clone()));
+        assert_eq!(from_start(&log), vec![2, 6]);
+        let undelivered = log.undelivered(10).expect("undelivered");
+        assert_eq!((undelivered.total, undelivered.dead), (3, 1));
         assert_eq!(log.hooks_with_undelivered().expect("hooks"), vec!["h"]);
+        // Delivered again: gone from view, floor or not.
+        let mut again = attempt(2, 200);
+        again.round = 1;
+        log.record_attempt(&notes[1].key, &again, AfterAttempt::Delivered)
+            .expect("delivered");
+        assert_eq!(from_start(&log), vec![6]);
+        assert_eq!(log.counts().expect("counts").pending, 1);
+    }
+
+    #[test]
+    fn a_huge_transactions_early_chunks_survive_the_group_that_ends_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path()).expect("open");
+        // Transaction 20's first chunks are written while it is still open; transaction 10,
+        // committed before it began, waits in the group that 20's commit joins.
+        log.append(&[note("h", 20, 0), note("h", 20, 1)], None, 0)
+            .expect("chunk");
+        log.append(&[note("h", 20, 2), note("h", 20, 3)], None, 0)
+            .expect("chunk");
+        log.append(
+            &[note("h", 10, 0), note("h", 20, 4), note("h", 20, 5)],
+            Some(Position {
+                commit_lsn: 20,
+                end_lsn: 21,
+            }),
+            0,
+        )
+        .expect("group");
+        let keys: Vec<(u64, u32)> = log
+            .pending("h", None, 20, 100)
+            .expect("pending")
+            .items
+            .into_iter()
+            .map(|(k, _)| (k.lsn, k.ordinal))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                (10, 0),
+                (20, 0),
+                (20, 1),
+                (20, 2),
+                (20, 3),
+                (20, 4),
+                (20, 5)
+            ]
+        );
+        for n in [note("h", 20, 0), note("h", 20, 3), note("h", 20, 5)] {
+            assert_eq!(log.body(&n.key).expect("body"), Some(n.body));
+        }
     }
 
     #[test]

@@ -37,6 +37,9 @@ const RECORD_DELAY: Duration = Duration::from_millis(10);
 /// its start again.
 const RECORD_BATCH: usize = 256;
 
+/// The webhook's floor in the log moves at most this often.
+const FLOOR_EVERY: Duration = Duration::from_secs(1);
+
 /// Where a notification sorts in the window: by due time, or by commit order when ordered.
 type Slot = (u64, NotificationKey);
 
@@ -76,6 +79,8 @@ pub struct Queue {
     /// means the notification is sent again (same webhook-id) after restart.
     unrecorded: Vec<(NotificationKey, Attempt, AfterAttempt)>,
     unrecorded_since: Option<tokio::time::Instant>,
+    /// When the webhook's floor in the log was last moved ([`Log::advance_floor`]).
+    floor_moved: tokio::time::Instant,
     /// Where attempt records are written: the main runtime, not the delivery runtime this
     /// queue runs on (see `run.rs`), so that a sled I/O thread started by a write never
     /// inherits the delivery threads' lower CPU priority.
@@ -112,6 +117,7 @@ impl Queue {
             evicted_due: None,
             unrecorded: Vec::new(),
             unrecorded_since: None,
+            floor_moved: tokio::time::Instant::now(),
             writer,
         }
     }
@@ -335,10 +341,23 @@ impl Queue {
         if !self.unrecorded.is_empty() {
             let log = self.log.clone();
             let records = std::mem::take(&mut self.unrecorded);
+            // Now and then the webhook's floor moves past what was delivered, so that a scan
+            // from the start (after a redelivery, an error) does not read it all again.
+            let floor =
+                (self.floor_moved.elapsed() >= FLOOR_EVERY).then(|| self.webhook.id.clone());
+            if floor.is_some() {
+                self.floor_moved = tokio::time::Instant::now();
+            }
             let written = self
                 .writer
                 .spawn(async move {
                     let result = log.record_attempts(&records);
+                    if let (Ok(_), Some(hook)) = (&result, floor) {
+                        // Only an optimization: the records are written.
+                        if let Err(e) = log.advance_floor(&hook) {
+                            tracing::warn!(hook = %hook, error = %e, "moving the webhook's floor in the log failed");
+                        }
+                    }
                     (result, records)
                 })
                 .await;
