@@ -1610,6 +1610,13 @@ mod tests {
         }
     }
 
+    /// A new log in a temporary dir (kept while the dir lives).
+    fn fresh_log() -> (tempfile::TempDir, Log) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path()).expect("open");
+        (dir, log)
+    }
+
     /// Opens a log closed a moment ago: sled releases its lock from a background thread.
     fn reopen(dir: &Path) -> Result<Log, LogError> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -1630,8 +1637,7 @@ mod tests {
 
     #[test]
     fn a_delivery_keeps_its_successful_attempt_in_the_delivered_entry() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = Log::open(dir.path()).expect("open");
+        let (_dir, log) = fresh_log();
         log.append(&[note("h", 1, 0), note("h", 1, 1)], None, 0)
             .expect("append");
         let (k0, k1) = (key("h", 1, 0), key("h", 1, 1));
@@ -1751,8 +1757,7 @@ mod tests {
 
     #[test]
     fn a_write_is_one_segment_per_webhook_up_to_the_segment_size() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = Log::open(dir.path()).expect("open");
+        let (_dir, log) = fresh_log();
         let small: Vec<NewNotification> = (0..100u32)
             .flat_map(|i| {
                 [
@@ -1784,8 +1789,7 @@ mod tests {
 
     #[test]
     fn a_transaction_written_again_replaces_the_segments_of_the_earlier_pass() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = Log::open(dir.path()).expect("open");
+        let (_dir, log) = fresh_log();
         // An interrupted pass wrote transaction 5 in two chunks, and one more notification.
         log.append(&[note("h", 5, 0), note("h", 5, 1)], None, 0)
             .expect("chunk");
@@ -1812,8 +1816,7 @@ mod tests {
 
     #[test]
     fn a_segment_shorter_than_its_lengths_is_reported_corrupt() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = Log::open(dir.path()).expect("open");
+        let (_dir, log) = fresh_log();
         let n = note("h", 3, 0);
         let mut value = segment_value(1, [SegmentNote::of(&n.key, &n.body)]);
         value.truncate(value.len() - 1);
@@ -1828,8 +1831,7 @@ mod tests {
 
     #[test]
     fn the_floor_skips_delivered_notifications_and_keeps_waiting_ones_in_view() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = Log::open(dir.path()).expect("open");
+        let (_dir, log) = fresh_log();
         let notes: Vec<NewNotification> =
             (0..6u32).map(|i| note("h", 1 + u64::from(i), 0)).collect();
         log.append(&notes, None, 0).expect("append");
@@ -1877,8 +1879,7 @@ mod tests {
 
     #[test]
     fn a_huge_transactions_early_chunks_survive_the_group_that_ends_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = Log::open(dir.path()).expect("open");
+        let (_dir, log) = fresh_log();
         // Transaction 20's first chunks are written while it is still open; transaction 10,
         // committed before it began, waits in the group that 20's commit joins.
         log.append(&[note("h", 20, 0), note("h", 20, 1)], None, 0)
@@ -1930,8 +1931,7 @@ mod tests {
 
     #[tokio::test]
     async fn pending_respects_order_visibility_and_hooks() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = Log::open(dir.path()).expect("open");
+        let (_dir, log) = fresh_log();
         log.append(
             &[note("a", 20, 0), note("a", 10, 1), note("b", 10, 0)],
             Some(Position {
@@ -1974,8 +1974,7 @@ mod tests {
 
     #[test]
     fn attempts_move_notifications_through_their_states() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = Log::open(dir.path()).expect("open");
+        let (_dir, log) = fresh_log();
         log.append(&[note("h", 1, 0), note("h", 1, 1)], None, 0)
             .expect("append");
         let k0 = key("h", 1, 0);
@@ -2018,8 +2017,7 @@ mod tests {
 
     #[test]
     fn attempts_of_one_notification_in_one_batch_apply_in_order() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = Log::open(dir.path()).expect("open");
+        let (_dir, log) = fresh_log();
         log.append(&[note("h", 1, 0), note("h", 2, 0)], None, 0)
             .expect("append");
         let (k1, k2) = (key("h", 1, 0), key("h", 2, 0));
@@ -2057,8 +2055,7 @@ mod tests {
 
     #[test]
     fn an_attempt_recorded_after_a_redelivery_does_not_undo_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = Log::open(dir.path()).expect("open");
+        let (_dir, log) = fresh_log();
         log.append(&[note("h", 1, 0), note("h", 2, 0)], None, 0)
             .expect("append");
         let (k1, k2) = (key("h", 1, 0), key("h", 2, 0));
@@ -2176,8 +2173,7 @@ mod tests {
 
     #[test]
     fn pruning_removes_only_old_delivered_entries() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = Log::open(dir.path()).expect("open");
+        let (_dir, log) = fresh_log();
         log.append(
             &[note("h", 1, 0), note("h", 2, 0), note("h", 3, 0)],
             None,
@@ -2203,8 +2199,7 @@ mod tests {
 
     #[test]
     fn bulk_writes_and_prefix_removal_span_many_batches() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = Log::open(dir.path()).expect("open");
+        let (_dir, log) = fresh_log();
         let entries: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..1000u32)
             .map(|i| {
                 (
@@ -2244,8 +2239,7 @@ mod tests {
 
     #[test]
     fn webhooks_with_undelivered_notifications_are_listed_once_each() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = Log::open(dir.path()).expect("open");
+        let (_dir, log) = fresh_log();
         let notes: Vec<NewNotification> = [("a", 1), ("a", 2), ("a.b", 1), ("b", 7)]
             .iter()
             .map(|(hook, lsn)| note(hook, *lsn, 0))
@@ -2259,8 +2253,7 @@ mod tests {
 
     #[test]
     fn truncate_transaction_drops_leftover_ordinals() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = Log::open(dir.path()).expect("open");
+        let (_dir, log) = fresh_log();
         log.append(
             &[note("h", 5, 0), note("h", 5, 1), note("h", 5, 2)],
             None,
