@@ -567,6 +567,18 @@ struct InFlight {
     job: tokio::task::JoinHandle<Result<(), LogError>>,
 }
 
+/// The outcome of writing the group in flight (at once when there is none). The caller
+/// drops the finished job.
+async fn written(in_flight: &mut Option<InFlight>) -> Result<(), RunError> {
+    let Some(in_flight) = in_flight.as_mut() else {
+        return Ok(());
+    };
+    match (&mut in_flight.job).await {
+        Ok(written) => Ok(written?),
+        Err(e) => Err(RunError::Stream(format!("writing to the log failed: {e}"))),
+    }
+}
+
 enum SessionEnd {
     Stopped,
     Failed(SourceError),
@@ -781,8 +793,18 @@ impl Stream<'_> {
                         ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
                     }
                 }
-                // Nothing else is ready: write the staged transactions.
-                _ = std::future::ready(()), if !staged.is_empty() => {
+                // The group in flight is written: the next one may go.
+                written = written(&mut self.in_flight), if self.in_flight.is_some() => {
+                    self.in_flight = None;
+                    written?;
+                }
+                // Nothing else is ready: write the staged transactions. A group of mutation
+                // notifications only waits for the one in flight, growing meanwhile: under a
+                // steady stream one small batch per transaction or two would cost more than
+                // the stream itself. A group with classified transactions starts its
+                // evaluation at once (it overlaps the write in flight).
+                _ = std::future::ready(()), if !staged.is_empty()
+                    && (self.in_flight.is_none() || !staged.classified.is_empty()) => {
                     match self.write_staged(&mut staged, &applied_tx).await? {
                         Ok(position) => applied = position,
                         Err(e) => break SessionEnd::Failed(e),
@@ -862,13 +884,9 @@ impl Stream<'_> {
 
     /// Waits until the group in flight, if any, is written.
     async fn settle(&mut self) -> Result<(), RunError> {
-        let Some(in_flight) = self.in_flight.take() else {
-            return Ok(());
-        };
-        match in_flight.job.await {
-            Ok(written) => Ok(written?),
-            Err(e) => Err(RunError::Stream(format!("writing to the log failed: {e}"))),
-        }
+        let result = written(&mut self.in_flight).await;
+        self.in_flight = None;
+        result
     }
 
     /// Moves the open transaction's touched rows of classified tables to the scratch area.
