@@ -984,6 +984,8 @@ struct Staged {
     classified_rows: usize,
     position: Option<Position>,
     transactions: usize,
+    /// The notifications' bodies.
+    bytes: usize,
 }
 
 impl Staged {
@@ -993,6 +995,11 @@ impl Staged {
 
     /// Adds a transaction; true when the group is full and must be written now.
     fn push(&mut self, committed: crate::txn::Committed) -> bool {
+        self.bytes += committed
+            .notifications
+            .iter()
+            .map(|n| n.body.len())
+            .sum::<usize>();
         self.notifications.extend(committed.notifications);
         if !committed.changes.is_empty() {
             self.classified_rows += committed.changes.rows();
@@ -1005,13 +1012,18 @@ impl Staged {
         self.position = Some(committed.position);
         self.transactions += 1;
         self.notifications.len() >= GROUP_NOTIFICATIONS
+            || self.bytes >= GROUP_BYTES
             || self.transactions >= GROUP_TRANSACTIONS
             || self.classified_rows >= GROUP_CLASSIFIED_ROWS
     }
 }
 
-/// At most this many notifications of committed transactions wait to be written as one batch,
-const GROUP_NOTIFICATIONS: usize = 256;
+/// At most this many notifications of committed transactions wait to be written as one batch
+/// (large groups matter when catching up: each costs a sled batch, and with classifications
+/// an evaluation round trip),
+const GROUP_NOTIFICATIONS: usize = 1024;
+/// and at most this many bytes of their bodies (`max_rows` rows each at most),
+const GROUP_BYTES: usize = 4 << 20;
 /// and at most this many committed transactions (some have no notifications),
 const GROUP_TRANSACTIONS: usize = 1024;
 /// and at most this many touched rows of classified tables (evaluated together).

@@ -322,10 +322,12 @@ pub struct Evaluator {
     /// Inside a transaction (the baseline's snapshot), a failed statement needs a savepoint
     /// to leave the transaction usable.
     in_transaction: bool,
+    /// Transactions whose visibility the next evaluation confirms first.
+    unconfirmed: Vec<i64>,
 }
 
 /// At most this many row images go to PostgreSQL in one query.
-const EVALUATION_BATCH: usize = 2000;
+const EVALUATION_BATCH: usize = 4096;
 
 impl Evaluator {
     pub fn new(client: tokio_postgres::Client, in_transaction: bool) -> Evaluator {
@@ -333,36 +335,39 @@ impl Evaluator {
             client,
             statements: HashMap::new(),
             in_transaction,
+            unconfirmed: Vec::new(),
         }
     }
 
-    /// Waits until the transactions `xids` are visible to new snapshots. The stream may
-    /// carry a commit a moment before the committing backend makes it visible to others, and
-    /// a condition's reads of other tables (`EXISTS (SELECT ... FROM other ...)`) must see
-    /// the transaction it is evaluated for. Gives up (with a warning) after 10 s.
-    pub async fn await_visible(&self, xids: &[u32]) -> Result<(), ClassifyError> {
+    /// The next evaluation confirms first that the transactions `xids` are visible to new
+    /// snapshots, in the same round trip; [`Evaluator::confirm_visible`] does it alone if no
+    /// evaluation came. The stream may carry a commit a moment before the committing backend
+    /// makes it visible to others, and a condition's reads of other tables (`EXISTS (SELECT
+    /// ... FROM other ...)`) must see the transaction it is evaluated for. Waiting gives up
+    /// (with a warning) after 10 s.
+    pub fn expect_visible(&mut self, xids: &[u32]) {
+        self.unconfirmed = xids.iter().map(|x| i64::from(*x)).collect();
+    }
+
+    /// Waits until the transactions of [`Evaluator::expect_visible`] are visible, unless an
+    /// evaluation confirmed it already.
+    pub async fn confirm_visible(&mut self) -> Result<(), ClassifyError> {
+        let xids = std::mem::take(&mut self.unconfirmed);
         if xids.is_empty() {
             return Ok(());
         }
-        // A 32-bit xid becomes an xid8 in the epoch of the snapshot's xmax (or the one
-        // before, when it is above xmax's low half: it wrapped since).
-        const VISIBLE: &str = "
-            WITH s AS (SELECT pg_current_snapshot() AS s),
-                 m AS (SELECT s, pg_snapshot_xmax(s)::text::bigint AS xmax FROM s)
-            SELECT coalesce(bool_and(pg_visible_in_snapshot(
-                       (((CASE WHEN x <= (m.xmax & 4294967295) THEN m.xmax >> 32
-                               ELSE (m.xmax >> 32) - 1 END) << 32) | x)::text::xid8, m.s)), true)
-              FROM m, unnest($1::bigint[]) AS x";
-        let xids: Vec<i64> = xids.iter().map(|x| i64::from(*x)).collect();
-        let started = std::time::Instant::now();
+        self.visible_after(&xids, std::time::Instant::now()).await
+    }
+
+    /// Polls until `xids` are visible, or 10 s after `started`.
+    async fn visible_after(
+        &mut self,
+        xids: &[i64],
+        started: std::time::Instant,
+    ) -> Result<(), ClassifyError> {
+        let check = self.visibility().await?;
         loop {
-            let visible: bool = self
-                .client
-                .query_one(VISIBLE, &[&xids])
-                .await
-                .map_err(SourceError::from)?
-                .get(0);
-            if visible {
+            if visible(&self.client, &check, xids).await? {
                 return Ok(());
             }
             if started.elapsed() > std::time::Duration::from_secs(10) {
@@ -374,6 +379,30 @@ impl Evaluator {
             }
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
+    }
+
+    /// The visibility check, prepared once (so that running it sends one message).
+    async fn visibility(&mut self) -> Result<tokio_postgres::Statement, ClassifyError> {
+        // A 32-bit xid becomes an xid8 in the epoch of the snapshot's xmax (or the one
+        // before, when it is above xmax's low half: it wrapped since).
+        const VISIBLE: &str = "
+            WITH s AS (SELECT pg_current_snapshot() AS s),
+                 m AS (SELECT s, pg_snapshot_xmax(s)::text::bigint AS xmax FROM s)
+            SELECT coalesce(bool_and(pg_visible_in_snapshot(
+                       (((CASE WHEN x <= (m.xmax & 4294967295) THEN m.xmax >> 32
+                               ELSE (m.xmax >> 32) - 1 END) << 32) | x)::text::xid8, m.s)), true)
+              FROM m, unnest($1::bigint[]) AS x";
+        if let Some(statement) = self.statements.get(VISIBLE) {
+            return Ok(statement.clone());
+        }
+        let statement = self
+            .client
+            .prepare(VISIBLE)
+            .await
+            .map_err(SourceError::from)?;
+        self.statements
+            .insert(VISIBLE.to_string(), statement.clone());
+        Ok(statement)
     }
 
     pub fn client(&self) -> &tokio_postgres::Client {
@@ -495,7 +524,40 @@ impl Evaluator {
                 .await
                 .map_err(|e| Failure::Fatal(SourceError::from(e).into()))?;
         }
-        let result = self.client.query(&statement, &params).await;
+        let result = if self.unconfirmed.is_empty() || self.in_transaction {
+            self.client.query(&statement, &params).await
+        } else {
+            // The visibility check and the evaluation in one round trip: the server runs
+            // them in order, so the evaluation's snapshot is at least as new as the check's.
+            let xids = std::mem::take(&mut self.unconfirmed);
+            let started = std::time::Instant::now();
+            let check_statement = self.visibility().await.map_err(Failure::Fatal)?;
+            // Its first poll sends the check (a prepared statement: one message); only then
+            // is the evaluation sent.
+            let (seen, result) = {
+                let mut check = std::pin::pin!(visible(&self.client, &check_statement, &xids));
+                let sent = std::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(std::future::Future::poll(check.as_mut(), cx))
+                })
+                .await;
+                match sent {
+                    std::task::Poll::Ready(seen) => {
+                        (seen, self.client.query(&statement, &params).await)
+                    }
+                    std::task::Poll::Pending => {
+                        tokio::join!(check, self.client.query(&statement, &params))
+                    }
+                }
+            };
+            if seen.map_err(Failure::Fatal)? {
+                result
+            } else {
+                self.visible_after(&xids, started)
+                    .await
+                    .map_err(Failure::Fatal)?;
+                self.client.query(&statement, &params).await
+            }
+        };
         if self.in_transaction {
             let after = if result.is_ok() {
                 "RELEASE SAVEPOINT walhook_evaluation"
@@ -533,6 +595,20 @@ impl Evaluator {
         }
         Ok(out)
     }
+}
+
+/// Whether every one of `xids` is visible to a snapshot taken now (`check`: see
+/// [`Evaluator::visibility`]).
+async fn visible(
+    client: &tokio_postgres::Client,
+    check: &tokio_postgres::Statement,
+    xids: &[i64],
+) -> Result<bool, ClassifyError> {
+    Ok(client
+        .query_one(check, &[&xids])
+        .await
+        .map_err(SourceError::from)?
+        .get(0))
 }
 
 enum Failure {
@@ -994,58 +1070,79 @@ impl Classifier {
             return Err(ClassifyError::Transient("not connected".into()));
         };
         let xids: Vec<u32> = txns.iter().map(|t| t.ctx.xid).filter(|x| *x != 0).collect();
-        evaluator.await_visible(&xids).await?;
+        evaluator.expect_visible(&xids);
+        let in_scratch = spilled.is_some();
         // Pass 1, per table: fill every image, then evaluate them all at once.
-        let mut values: HashMap<(&TableName, usize, usize), Vec<Known>> = HashMap::new();
-        let mut filled: HashMap<(&TableName, usize, usize), Vec<Option<String>>> = HashMap::new();
+        let mut passes: HashMap<&TableName, TablePass> = HashMap::new();
         for (name, table) in &self.tables {
-            let mut latest: HashMap<&str, Vec<Option<String>>> = HashMap::new();
-            let mut departed: HashMap<&str, Vec<Option<String>>> = HashMap::new();
-            let mut images = Vec::new();
+            let mut pass = TablePass::default();
+            // By row: its image as of the transactions so far, and as it left by a key
+            // update or a delete.
+            let mut latest: HashMap<&str, usize> = HashMap::new();
+            let mut departed: HashMap<&str, usize> = HashMap::new();
             let mut labels = Vec::new();
-            let mut at = Vec::new();
-            for (t, txn) in txns.iter().enumerate() {
-                let Some(changes) = txn.changes.tables.get(name) else {
-                    continue;
-                };
-                if changes.truncated {
-                    latest.clear();
+            for txn in txns {
+                let mut at = Vec::new();
+                if let Some(changes) = txn.changes.tables.get(name) {
+                    if changes.truncated {
+                        latest.clear();
+                    }
+                    at.reserve(changes.rows.len());
+                    for (key, change) in &changes.rows {
+                        let Some(cells) = &change.after else {
+                            if let Some(image) = latest.remove(key.as_str()) {
+                                departed.insert(key, image);
+                            }
+                            at.push(None);
+                            continue;
+                        };
+                        // A row moved by a key update takes unchanged values from its old
+                        // key.
+                        let (source, previous) = match &change.moved_from {
+                            Some(from) => (
+                                from.as_str(),
+                                latest.get(from.as_str()).or(departed.get(from.as_str())),
+                            ),
+                            None => (key.as_str(), latest.get(key.as_str())),
+                        };
+                        let previous = previous.map(|&i| &pass.images[i]);
+                        let image = fill(table, source, cells, previous, txn, log, overlay)?;
+                        latest.insert(key, pass.images.len());
+                        at.push(Some(pass.images.len()));
+                        pass.images.push(image);
+                        labels.push(key.clone());
+                    }
                 }
-                for (r, (key, change)) in changes.rows.iter().enumerate() {
-                    let Some(cells) = &change.after else {
-                        if let Some(image) = latest.remove(key.as_str()) {
-                            departed.insert(key, image);
-                        }
-                        continue;
-                    };
-                    // A row moved by a key update takes unchanged values from its old key.
-                    let (source, previous) = match &change.moved_from {
-                        Some(from) => (
-                            from.as_str(),
-                            latest.get(from.as_str()).or(departed.get(from.as_str())),
-                        ),
-                        None => (key.as_str(), latest.get(key.as_str())),
-                    };
-                    let image = fill(table, source, cells, previous, txn, log, overlay)?;
-                    latest.insert(key, image.clone());
-                    images.push(image.clone());
-                    labels.push(key.clone());
-                    at.push((t, r));
-                    filled.insert((name, t, r), image);
-                }
+                pass.at.push(at);
             }
             // A table only watched for dependencies has no conditions of its own.
-            if images.is_empty() || table.classes.is_empty() {
-                continue;
+            if !pass.images.is_empty() && !table.classes.is_empty() {
+                let mut evaluation =
+                    std::pin::pin!(evaluator.evaluate(table, None, &pass.images, &labels));
+                // The first poll sends the query. While PostgreSQL evaluates, the rows'
+                // stored state (which pass 2 compares with) is read from the log.
+                let sent = std::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(std::future::Future::poll(evaluation.as_mut(), cx))
+                })
+                .await;
+                pass.values = match sent {
+                    std::task::Poll::Ready(values) => values?,
+                    std::task::Poll::Pending => {
+                        if !in_scratch {
+                            prefetch(name, table, txns, log, overlay)?;
+                        }
+                        evaluation.await?
+                    }
+                };
             }
-            let results = evaluator.evaluate(table, None, &images, &labels).await?;
-            for ((t, r), v) in at.into_iter().zip(results) {
-                values.insert((name, t, r), v);
-            }
+            passes.insert(name, pass);
         }
+        let image_of =
+            |table: &TableName, t: usize, r: usize| passes.get(table).and_then(|p| p.image(t, r));
 
+        // The dependencies' live reads below must see the transactions too.
+        evaluator.confirm_visible().await?;
         // Pass 2, per transaction in commit order: before vs after.
-        let in_scratch = spilled.is_some();
         let touched_in = |table: &TableName, changes: Option<&TableChanges>, row: &str| {
             if in_scratch {
                 log.get_raw(&scratch_key(table, row)).map(|v| v.is_some())
@@ -1064,11 +1161,16 @@ impl Classifier {
                 // A row the transaction inserted has no state to read, unless a
                 // classification not maintained yet at this transaction keeps a record of it
                 // (baselined at a later snapshot, where the row exists).
+                let table_text = name.to_string();
+                let keys: Vec<Vec<u8>> = changes
+                    .rows
+                    .iter()
+                    .map(|(key, _)| state::row_key(&table_text, key))
+                    .collect();
                 if !in_scratch && table.classes.iter().all(|c| txn.ctx.lsn >= c.active_from) {
-                    let table_text = name.to_string();
-                    for (key, change) in &changes.rows {
+                    for (key, (_, change)) in keys.iter().zip(&changes.rows) {
                         if change.inserted {
-                            overlay.absent(state::row_key(&table_text, key));
+                            overlay.absent(key.clone());
                         }
                     }
                 }
@@ -1076,7 +1178,6 @@ impl Classifier {
                     if txn.ctx.lsn < class.active_from {
                         continue;
                     }
-                    let table_text = name.to_string();
                     let prefix = state::table_prefix(&table_text);
                     if let Some(plan) = &class.relation {
                         // A relation event: the links the watched row holds before and after.
@@ -1124,7 +1225,7 @@ impl Classifier {
                             let after = change.after.as_ref().map(|_| Record {
                                 value: Known::False,
                                 lsn: txn.ctx.lsn,
-                                columns: class_columns(table, class, filled.get(&(name, t, r))),
+                                columns: class_columns(table, class, image_of(name, t, r)),
                             });
                             let was = link(&change.row, before.as_ref());
                             let is = link(&change.row, after.as_ref());
@@ -1170,7 +1271,7 @@ impl Classifier {
                                 add(
                                     &mut groups,
                                     class,
-                                    row_json,
+                                    &row_json,
                                     side_of(Some(&record)),
                                     Side::Null,
                                 );
@@ -1185,56 +1286,66 @@ impl Classifier {
                             overlay.stage(log)?;
                         }
                     }
-                    for (r, (key, change)) in changes.rows.iter().enumerate() {
-                        let state_key = state::row_key(&table_text, key);
+                    let positions = class_positions(table, class);
+                    let evaluated = passes.get(name);
+                    for (r, ((_, change), state_key)) in changes.rows.iter().zip(&keys).enumerate()
+                    {
+                        let image = image_of(name, t, r);
                         // The value before the transaction: an earlier transaction of the
                         // group, or the store.
-                        let before = overlay.record(log, &state_key, &class.name)?;
-                        let after = match (&change.after, values.get(&(name, t, r))) {
-                            (Some(_), Some(v)) => Some(Record {
-                                // A failed evaluation keeps the last known value: as if
-                                // this change had not happened, for this classification.
-                                value: match v[c] {
-                                    Known::Unknown => {
-                                        before.as_ref().map_or(Known::Unknown, |b| b.value)
-                                    }
-                                    known => known,
-                                },
-                                lsn: txn.ctx.lsn,
-                                columns: class_columns(table, class, filled.get(&(name, t, r))),
+                        let (packed, changed) = overlay.row(log, state_key)?;
+                        let before = packed.get(&class.name);
+                        let after = match (&change.after, evaluated.and_then(|p| p.value(t, r))) {
+                            // A failed evaluation keeps the last known value: as if this
+                            // change had not happened, for this classification.
+                            (Some(_), Some(v)) => Some(match v[c] {
+                                Known::Unknown => before.map_or(Known::Unknown, |b| b.value),
+                                known => known,
                             }),
                             _ => None,
                         };
+                        let same_columns =
+                            before.is_some_and(|b| same_columns(b, class, &positions, image));
                         if class.watch {
                             // An update (the row was there before and after) where one of
                             // the columns differs.
-                            if let (Some(b), Some(a), true) = (&before, &after, change.updated) {
-                                if b.columns != a.columns {
-                                    for sub in &class.subs {
-                                        groups
-                                            .entry((sub.webhook, UPDATE, UPDATE))
-                                            .or_insert_with(|| (Vec::new(), class, sub))
-                                            .0
-                                            .push(change.row.clone());
-                                    }
+                            if before.is_some()
+                                && after.is_some()
+                                && change.updated
+                                && !same_columns
+                            {
+                                for sub in &class.subs {
+                                    groups
+                                        .entry((sub.webhook, UPDATE, UPDATE))
+                                        .or_insert_with(|| (Vec::new(), class, sub))
+                                        .0
+                                        .push(change.row.clone());
                                 }
                             }
                         } else {
                             add(
                                 &mut groups,
                                 class,
-                                change.row.clone(),
-                                side_of(before.as_ref()),
-                                side_of(after.as_ref()),
+                                &change.row,
+                                side_of(before),
+                                side_of_value(after),
                             );
                         }
-                        let unchanged = match (&before, &after) {
-                            (Some(b), Some(a)) => b.value == a.value && b.columns == a.columns,
+                        let unchanged = match (before, after) {
+                            (Some(b), Some(a)) => b.value == a && same_columns,
                             (None, None) => true,
                             _ => false,
                         };
                         if !unchanged {
-                            overlay.set(log, &state_key, &class.name, after)?;
+                            packed.set(
+                                &class.name,
+                                after.map(|value| Record {
+                                    value,
+                                    lsn: txn.ctx.lsn,
+                                    columns: class_columns(table, class, image),
+                                }),
+                            );
+                            *changed = true;
                         }
                     }
                 }
@@ -1312,7 +1423,7 @@ impl Classifier {
                             let now: Option<Vec<Option<String>>> = change
                                 .after
                                 .as_ref()
-                                .and_then(|_| filled.get(&(&dep.table, t, r)))
+                                .and_then(|_| image_of(&dep.table, t, r))
                                 .map(|image| {
                                     dep.via
                                         .iter()
@@ -1361,6 +1472,61 @@ impl Classifier {
             notifications.extend(emit_links(&txn.ctx, links, ordinals));
         }
         Ok(notifications)
+    }
+}
+
+/// Reads into `overlay` the stored state of the rows of `table` that `txns` touched and
+/// pass 2 will look up: every row of a transaction that maintains a classification of the
+/// table, except those it inserted (known absent). Reading a row early changes nothing: it
+/// is the state from before the group either way.
+fn prefetch(
+    name: &TableName,
+    table: &ClassifiedTable,
+    txns: &[StagedTxn],
+    log: &Log,
+    overlay: &mut Overlay,
+) -> Result<(), LogError> {
+    let table_text = name.to_string();
+    let mut key = state::table_prefix(&table_text);
+    let prefix = key.len();
+    for txn in txns {
+        let Some(changes) = txn.changes.tables.get(name) else {
+            continue;
+        };
+        if table.classes.iter().all(|c| txn.ctx.lsn < c.active_from) {
+            continue;
+        }
+        for (row, change) in &changes.rows {
+            if change.inserted {
+                continue;
+            }
+            key.truncate(prefix);
+            key.extend_from_slice(row.as_bytes());
+            overlay.row(log, &key)?;
+        }
+    }
+    Ok(())
+}
+
+/// One table's images in a group of transactions, filled and evaluated.
+#[derive(Default)]
+struct TablePass {
+    images: Vec<Vec<Option<String>>>,
+    /// By image: each classification's value (empty for a table without conditions).
+    values: Vec<Vec<Known>>,
+    /// By transaction, then touched row: the row's image (`None`: deleted).
+    at: Vec<Vec<Option<usize>>>,
+}
+
+impl TablePass {
+    fn image(&self, t: usize, r: usize) -> Option<&Vec<Option<String>>> {
+        let i = (*self.at.get(t)?.get(r)?)?;
+        self.images.get(i)
+    }
+
+    fn value(&self, t: usize, r: usize) -> Option<&Vec<Known>> {
+        let i = (*self.at.get(t)?.get(r)?)?;
+        self.values.get(i)
     }
 }
 
@@ -1462,7 +1628,7 @@ impl<'a> Reevaluation<'a> {
                     continue;
                 }
                 let row_json = serde_json::from_str(&row).unwrap_or(Value::String(row));
-                add(groups, self.class, row_json, from, to);
+                add(groups, self.class, &row_json, from, to);
                 record.value = known;
                 overlay.set(self.log, &key, &self.class.name, Some(record))?;
             }
@@ -1512,7 +1678,11 @@ async fn retype_tables(
 /// A row's value as a transition side. A row whose condition has never evaluated cleanly
 /// still has its last known value: it did not exist.
 fn side_of(record: Option<&Record>) -> Side {
-    match record.map(|r| r.value) {
+    side_of_value(record.map(|r| r.value))
+}
+
+fn side_of_value(value: Option<Known>) -> Side {
+    match value {
         None | Some(Known::Unknown) => Side::Null,
         Some(Known::True) => Side::True,
         Some(Known::False) => Side::False,
@@ -2108,6 +2278,36 @@ fn fill(
     Ok(out)
 }
 
+/// Where each column `class` keeps is in the table's images.
+fn class_positions(table: &ClassifiedTable, class: &ClassSpec) -> Vec<Option<usize>> {
+    class
+        .columns
+        .iter()
+        .map(|name| table.columns.iter().position(|(n, _)| n == name))
+        .collect()
+}
+
+/// Whether `record` holds the columns `class` keeps (at `positions`, see
+/// [`class_positions`]) with the values of `image`: what [`class_columns`] would make.
+fn same_columns(
+    record: &Record,
+    class: &ClassSpec,
+    positions: &[Option<usize>],
+    image: Option<&Vec<Option<String>>>,
+) -> bool {
+    record.columns.len() == class.columns.len()
+        && record
+            .columns
+            .iter()
+            .zip(class.columns.iter().zip(positions))
+            .all(|((name, value), (wanted, at))| {
+                let new = at
+                    .and_then(|at| image.and_then(|i| i.get(at)))
+                    .and_then(|v| v.as_deref());
+                name == wanted && value.as_deref() == new
+            })
+}
+
 /// The columns `class` keeps, from a filled image of the table's columns.
 fn class_columns(
     table: &ClassifiedTable,
@@ -2306,7 +2506,7 @@ pub fn key_text<'a>(key: &[KeyColumn], get: impl Fn(usize) -> Option<&'a str>) -
 }
 
 /// Adds a row's transition to the groups of every webhook that wants it.
-fn add<'a>(groups: &mut Groups<'a>, class: &'a ClassSpec, row: Value, from: Side, to: Side) {
+fn add<'a>(groups: &mut Groups<'a>, class: &'a ClassSpec, row: &Value, from: Side, to: Side) {
     if from == to {
         return;
     }
