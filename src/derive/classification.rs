@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
@@ -681,7 +682,7 @@ pub fn encode_rows(rows: &RowWrites) -> StateWrites {
 /// transaction) empties it.
 #[derive(Default)]
 pub struct StateCache {
-    rows: HashMap<Vec<u8>, Arc<Packed>>,
+    rows: FxHashMap<Vec<u8>, Arc<Packed>>,
     bytes: usize,
     budget: usize,
 }
@@ -694,8 +695,8 @@ impl StateCache {
         }
     }
 
-    fn weight(key: &[u8], packed: &Packed) -> usize {
-        key.len() + packed.weight() + 64
+    fn weight(key_len: usize, packed: &Packed) -> usize {
+        key_len + packed.weight() + 64
     }
 
     fn get(&self, key: &[u8]) -> Option<&Packed> {
@@ -705,7 +706,7 @@ impl StateCache {
     /// Takes a row out (a group about to change it puts it back when handed over).
     fn take(&mut self, key: &[u8]) -> Option<Packed> {
         let packed = self.rows.remove(key)?;
-        self.bytes = self.bytes.saturating_sub(Self::weight(key, &packed));
+        self.bytes = self.bytes.saturating_sub(Self::weight(key.len(), &packed));
         Some(Arc::try_unwrap(packed).unwrap_or_else(|shared| (*shared).clone()))
     }
 
@@ -713,9 +714,10 @@ impl StateCache {
         if self.budget == 0 {
             return;
         }
-        let weight = Self::weight(&key, &packed);
-        if let Some(old) = self.rows.insert(key.clone(), packed) {
-            self.bytes = self.bytes.saturating_sub(Self::weight(&key, &old));
+        let key_len = key.len();
+        let weight = Self::weight(key_len, &packed);
+        if let Some(old) = self.rows.insert(key, packed) {
+            self.bytes = self.bytes.saturating_sub(Self::weight(key_len, &old));
         }
         self.bytes += weight;
         if self.bytes > self.budget {
@@ -726,7 +728,7 @@ impl StateCache {
                 if bytes <= target {
                     return true;
                 }
-                bytes = bytes.saturating_sub(Self::weight(key, packed));
+                bytes = bytes.saturating_sub(Self::weight(key.len(), packed));
                 false
             });
             self.bytes = bytes;
@@ -1840,7 +1842,7 @@ impl Existing {
 #[derive(Default)]
 struct Overlay {
     /// By state key: the row's records, and whether the transactions changed them.
-    rows: HashMap<Vec<u8>, (Packed, bool)>,
+    rows: FxHashMap<Vec<u8>, (Packed, bool)>,
     staged: bool,
     /// The previous group's state writes, while they are being written to the log.
     pending: Option<Arc<RowWrites>>,
@@ -2738,7 +2740,7 @@ mod tests {
 
     #[test]
     fn the_state_cache_stays_within_its_budget_and_hands_rows_out_once() {
-        let one = StateCache::weight(b"t1", &row("active"));
+        let one = StateCache::weight(2, &row("active"));
         let mut cache = StateCache::new(one * 100);
         for i in 0..1000 {
             cache.put(format!("t{i}").into_bytes(), row("active"));
@@ -2748,7 +2750,7 @@ mod tests {
         let sum: usize = cache
             .rows
             .iter()
-            .map(|(k, p)| StateCache::weight(k, p))
+            .map(|(k, p)| StateCache::weight(k.len(), p))
             .sum();
         assert_eq!(cache.bytes, sum);
         // A taken row is the caller's until it is put back.
