@@ -19,7 +19,7 @@
 //!                                        key is delivered or has a `u` entry (a scan from the
 //!                                        start reads those, then goes on from there)
 //! b'm' "position"                     → commit LSN and end LSN of the last logged transaction
-//! b'm' "layout"                       → this layout's version (4; the first had none)
+//! b'm' "layout"                       → this layout's version (5; the first had none)
 //! b'm' "origin", "recheck", "applying", "spilling" → the database and slot; recheck
 //!                                        numbering; a spilled transaction's progress
 //! b't' ..., b'c' ..., b'q' ...          → the row state store (see `crate::state`)
@@ -71,8 +71,9 @@ const ORIGIN: &[u8] = b"morigin";
 /// The layout this version writes (the first had no such key); a newer one is refused.
 const LAYOUT: &[u8] = b"mlayout";
 /// 2: one entry per notification; 3: a delivered entry may hold its successful attempt;
-/// 4: segments (see the module documentation). Layouts 1 to 3 are converted at open.
-const LAYOUT_VERSION: u8 = 4;
+/// 4: segments (see the module documentation); 5: row state may be compact (see
+/// `crate::state`). Layouts 1 to 3 are converted at open, 4 needs nothing.
+const LAYOUT_VERSION: u8 = 5;
 /// A floor moves past at most this many notifications at a time.
 const FLOOR_STEP: usize = 20_000;
 /// A segment holds notifications until their bodies reach this size (one larger body gets a
@@ -316,6 +317,10 @@ impl Log {
         };
         match log.tree.get(LAYOUT)?.as_deref() {
             Some([version]) if *version == LAYOUT_VERSION => {}
+            // Layout 5 only adds the compact row state encoding, read beside the old one.
+            Some([4]) => {
+                log.tree.insert(LAYOUT, &[LAYOUT_VERSION])?;
+            }
             Some([2 | 3]) => {
                 log.convert_to_segments()?;
                 log.tree.insert(LAYOUT, &[LAYOUT_VERSION])?;
@@ -1747,7 +1752,7 @@ mod tests {
         let log = reopen(dir.path()).expect("reopen");
         assert_eq!(
             log.get_raw(LAYOUT).expect("layout").as_deref(),
-            Some(&[4u8][..])
+            Some(&[LAYOUT_VERSION][..])
         );
         assert_eq!(entries_of(&log, PENDING), 0);
         let d = log.detail(&old2.key).expect("detail").expect("exists");
@@ -2314,6 +2319,39 @@ mod tests {
             Err(e) => panic!("unexpected error: {e}"),
             Ok(_) => panic!("opened a newer layout"),
         }
+    }
+
+    #[test]
+    fn a_layout_4_dir_opens_as_5_keeping_its_row_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let row = crate::state::row_key("public.accounts", "1");
+        // A row as layout 4 wrote it: each record whole.
+        let first = [
+            &14u32.to_be_bytes()[..],
+            b"account_active",
+            &9u32.to_be_bytes()[..],
+            &[1],
+            &7u64.to_be_bytes()[..],
+        ]
+        .concat();
+        {
+            let log = Log::open(dir.path()).expect("open");
+            log.write_raw(&[
+                (LAYOUT.to_vec(), Some(vec![4])),
+                (row.clone(), Some(first.clone())),
+            ])
+            .expect("layout 4");
+        }
+        let log = reopen(dir.path()).expect("reopen");
+        assert_eq!(
+            log.get_raw(LAYOUT).expect("layout").as_deref(),
+            Some(&[LAYOUT_VERSION][..])
+        );
+        let bytes = log.get_raw(&row).expect("row").expect("kept");
+        assert_eq!(bytes.as_ref(), &first[..]);
+        let packed = crate::state::Packed::decode(&bytes).expect("decodes");
+        let record = packed.get("account_active").expect("record");
+        assert_eq!((record.value, record.lsn), (crate::state::Known::True, 7));
     }
 
     #[test]
