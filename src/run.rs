@@ -1032,35 +1032,39 @@ const GROUP_CLASSIFIED_ROWS: usize = 4096;
 /// dir instead of memory.
 const SPILL_ROWS: usize = 10_000;
 
-/// Flushes start at least this far apart. Each is a write and an `fdatasync`: while walhook
-/// keeps up with a steady stream of small transactions, a flush per group (a transaction or
-/// two) cost more than the stream itself (the sled I/O threads took a sixth of the machine in
-/// the benchmark's mutation-only run). Costs at most this much latency.
+/// When groups were written while a flush ran, the next flush starts at least this long
+/// after it. Each flush is a write and an `fdatasync`: while walhook keeps up with a steady
+/// stream of small transactions, a flush per group (a transaction or two) cost more than the
+/// stream itself (the sled I/O threads took a sixth of the machine in the benchmark's
+/// mutation-only run). A transaction arriving alone is flushed at once.
 const FLUSH_SPACING: Duration = Duration::from_millis(2);
 
 /// Flushes the log whenever transactions were appended (see [`FLUSH_SPACING`]), then
-/// publishes the commit LSN the flush covered. Ends (after a last flush) when the session drops `applied`.
+/// publishes the commit LSN the flush covered. Ends (after a last flush) when the session
+/// drops `applied`.
 async fn flush_loop(
     log: Log,
     mut applied: watch::Receiver<Option<Position>>,
     durable: watch::Sender<Position>,
 ) -> Result<(), LogError> {
     let mut flushed: Option<Position> = None;
-    let mut started: Option<tokio::time::Instant> = None;
+    // When the last flush started, if more was written while it ran.
+    let mut back_to_back: Option<tokio::time::Instant> = None;
     loop {
         let closed = applied.changed().await.is_err();
-        if let (false, Some(started)) = (closed, started) {
-            // More groups may be written meanwhile: this flush covers them too.
+        if let (false, Some(started)) = (closed, back_to_back) {
+            // Groups keep coming: this flush covers those written meanwhile too.
             tokio::time::sleep_until(started + FLUSH_SPACING).await;
         }
         let target = *applied.borrow_and_update();
         if target != flushed {
-            started = Some(tokio::time::Instant::now());
+            let started = tokio::time::Instant::now();
             log.flush().await?;
             if let Some(pos) = target {
                 durable.send_replace(pos);
             }
             flushed = target;
+            back_to_back = applied.has_changed().unwrap_or(false).then_some(started);
         }
         if closed {
             return Ok(());

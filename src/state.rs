@@ -97,6 +97,26 @@ pub enum Known {
     Unknown,
 }
 
+impl Known {
+    /// Its byte in an encoded record.
+    fn code(self) -> u8 {
+        match self {
+            Known::False => 0,
+            Known::True => 1,
+            Known::Unknown => 2,
+        }
+    }
+
+    fn from_code(code: u8) -> Result<Known, String> {
+        match code {
+            0 => Ok(Known::False),
+            1 => Ok(Known::True),
+            2 => Ok(Known::Unknown),
+            other => Err(format!("unknown value tag {other}")),
+        }
+    }
+}
+
 /// One row's state under one classification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -110,11 +130,7 @@ pub struct Record {
 impl Record {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.columns.len() * 24);
-        out.push(match self.value {
-            Known::False => 0,
-            Known::True => 1,
-            Known::Unknown => 2,
-        });
+        out.push(self.value.code());
         out.extend_from_slice(&self.lsn.to_be_bytes());
         for (name, value) in &self.columns {
             out.extend_from_slice(&(name.len() as u32).to_be_bytes());
@@ -133,22 +149,11 @@ impl Record {
 
     pub fn decode(bytes: &[u8]) -> Result<Record, String> {
         let mut r = Reader(bytes);
-        let value = match r.u8()? {
-            0 => Known::False,
-            1 => Known::True,
-            2 => Known::Unknown,
-            other => return Err(format!("unknown value tag {other}")),
-        };
+        let value = Known::from_code(r.u8()?)?;
         let lsn = u64::from_be_bytes(r.take(8)?.try_into().map_err(|_| "short lsn")?);
         let mut columns = Vec::new();
         while !r.0.is_empty() {
-            let name = r.text()?;
-            let value = match r.u8()? {
-                0 => None,
-                1 => Some(r.text()?),
-                other => return Err(format!("unknown column tag {other}")),
-            };
-            columns.push((name, value));
+            columns.push(r.column(Reader::text)?);
         }
         Ok(Record {
             value,
@@ -182,6 +187,21 @@ impl<'a> Reader<'a> {
         let len = u32::from_be_bytes(self.take(4)?.try_into().map_err(|_| "short length")?);
         let bytes = self.take(len as usize)?;
         String::from_utf8(bytes.to_vec()).map_err(|e| e.to_string())
+    }
+
+    /// A column: its name, then a tag (0: SQL NULL, 1: a value follows), each text read by
+    /// `text`.
+    fn column(
+        &mut self,
+        text: fn(&mut Self) -> Result<String, String>,
+    ) -> Result<(String, Option<String>), String> {
+        let name = text(self)?;
+        let value = match self.u8()? {
+            0 => None,
+            1 => Some(text(self)?),
+            other => return Err(format!("unknown column tag {other}")),
+        };
+        Ok((name, value))
     }
 
     /// A LEB128 unsigned integer (see `put_varint`).
@@ -300,11 +320,7 @@ impl Packed {
         put_varint(&mut out, self.0.len() as u64);
         for ((name, record), of_record) in self.0.iter().zip(&indexes) {
             put_text(&mut out, name);
-            out.push(match record.value {
-                Known::False => 0,
-                Known::True => 1,
-                Known::Unknown => 2,
-            });
+            out.push(record.value.code());
             put_varint(&mut out, record.lsn);
             put_varint(&mut out, of_record.len() as u64);
             for at in of_record {
@@ -328,24 +344,13 @@ impl Packed {
         let count = r.varint()?;
         let mut columns: Vec<(String, Option<String>)> = Vec::new();
         for _ in 0..count {
-            let name = r.short_text()?;
-            let value = match r.u8()? {
-                0 => None,
-                1 => Some(r.short_text()?),
-                other => return Err(format!("unknown column tag {other}")),
-            };
-            columns.push((name, value));
+            columns.push(r.column(Reader::short_text)?);
         }
         let count = r.varint()?;
         let mut records = Vec::new();
         for _ in 0..count {
             let name = r.short_text()?;
-            let value = match r.u8()? {
-                0 => Known::False,
-                1 => Known::True,
-                2 => Known::Unknown,
-                other => return Err(format!("unknown value tag {other}")),
-            };
+            let value = Known::from_code(r.u8()?)?;
             let lsn = r.varint()?;
             let n = r.varint()?;
             let mut of_record = Vec::new();
