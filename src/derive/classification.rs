@@ -1521,14 +1521,17 @@ struct TablePass {
 }
 
 impl TablePass {
+    /// Transaction `t`'s touched row `r`'s image number, unless deleted.
+    fn index(&self, t: usize, r: usize) -> Option<usize> {
+        *self.at.get(t)?.get(r)?
+    }
+
     fn image(&self, t: usize, r: usize) -> Option<&Vec<Option<String>>> {
-        let i = (*self.at.get(t)?.get(r)?)?;
-        self.images.get(i)
+        self.images.get(self.index(t, r)?)
     }
 
     fn value(&self, t: usize, r: usize) -> Option<&Vec<Known>> {
-        let i = (*self.at.get(t)?.get(r)?)?;
-        self.values.get(i)
+        self.values.get(self.index(t, r)?)
     }
 }
 
@@ -2303,10 +2306,7 @@ fn same_columns(
             .iter()
             .zip(class.columns.iter().zip(positions))
             .all(|((name, value), (wanted, at))| {
-                let new = at
-                    .and_then(|at| image.and_then(|i| i.get(at)))
-                    .and_then(|v| v.as_deref());
-                name == wanted && value.as_deref() == new
+                name == wanted && value.as_deref() == image_value(image, *at)
             })
 }
 
@@ -2319,16 +2319,15 @@ fn class_columns(
     class
         .columns
         .iter()
-        .map(|name| {
-            let value = table
-                .columns
-                .iter()
-                .position(|(n, _)| n == name)
-                .and_then(|at| image.and_then(|i| i.get(at)).cloned())
-                .flatten();
-            (name.clone(), value)
-        })
+        .zip(class_positions(table, class))
+        .map(|(name, at)| (name.clone(), image_value(image, at).map(str::to_string)))
         .collect()
+}
+
+/// The value at `at` (a position from [`class_positions`]) of a filled image, if any.
+fn image_value(image: Option<&Vec<Option<String>>>, at: Option<usize>) -> Option<&str> {
+    at.and_then(|at| image.and_then(|i| i.get(at)))
+        .and_then(|v| v.as_deref())
 }
 
 #[derive(Serialize)]
