@@ -19,12 +19,14 @@
 //!                                        key is delivered or has a `u` entry (a scan from the
 //!                                        start reads those, then goes on from there)
 //! b'm' "position"                     → commit LSN and end LSN of the last logged transaction
-//! b'm' "layout"                       → this layout's version (5; the first had none)
+//! b'm' "layout"                       → this layout's version (6; the first had none)
 //! b'm' "origin", "recheck", "applying", "spilling" → the database and slot; recheck
 //!                                        numbering; a spilled transaction's progress
 //! b't' ..., b'c' ..., b'q' ...          → the row state store (see `crate::state`)
 //! b'x' ..., b'y' ...                    → a spilled transaction's scratch and staging areas
 //!                                        (see `crate::derive::classification`)
+//! b'j' sequence chunk                   → journal: a large write's row state entries, until
+//!                                        they are written one by one
 //! ```
 //!
 //! Notifications are written as segments: one sled entry per webhook per write (a group of
@@ -47,6 +49,15 @@
 //! ordinal), so replaying a transaction writes the same keys again (a write never spans a
 //! segment already in the log; one starting where the write has a notification is
 //! replaced).
+//!
+//! Journal: sled 0.34 makes every read in the process wait while a batch is applied (one
+//! global lock), and a group's batch with its thousands of row state entries held the
+//! stream's reads of the next group for most of its time. So a write with many state entries
+//! puts them in its atomic batch as a few journal entries, then writes them one by one (reads
+//! go on meanwhile) and removes the journal. [`Log::open`] writes what a journal left behind
+//! after a crash, before anything reads the state; writing an entry twice changes nothing,
+//! and no later write starts before the journal is gone, so none is overwritten with an
+//! older value.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -73,13 +84,18 @@ const LAYOUT: &[u8] = b"mlayout";
 /// 2: one entry per notification; 3: a delivered entry may hold its successful attempt;
 /// 4: segments (see the module documentation); 5: row state may be compact (see
 /// `crate::state`). Layouts 1 to 3 are converted at open, 4 needs nothing.
-const LAYOUT_VERSION: u8 = 5;
+const LAYOUT_VERSION: u8 = 6;
 /// A floor moves past at most this many notifications at a time.
 const FLOOR_STEP: usize = 20_000;
 /// A segment holds notifications until their bodies reach this size (one larger body gets a
 /// segment of its own). sled rewrites a whole page to change one value, so segments stay
 /// well under its page sizes.
 const SEGMENT_BYTES: usize = 16 * 1024;
+/// A write with at least this many row state entries goes through the journal (one entry
+/// or a few are written faster than a journal entry is written and removed).
+const JOURNAL_ENTRIES: usize = 16;
+const JOURNAL: u8 = b'j';
+
 /// Lets sled's epoch-based reclamation catch up after a batch of `writes` entries: every
 /// write leaves the page it replaced (or more) for later, and crossbeam-epoch, which sled
 /// uses, frees at most 8 bags of 64 such leftovers per collection, run every 128th pin. One
@@ -274,6 +290,8 @@ pub struct Log {
     /// redelivery); with [`Status::round`], a redelivery made while an attempt is in flight
     /// is not undone by that attempt's outcome.
     status: Arc<std::sync::Mutex<()>>,
+    /// The next journal's sequence number.
+    journal: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Log {
@@ -314,11 +332,13 @@ impl Log {
             tree,
             file: Arc::new(file),
             status: Arc::new(std::sync::Mutex::new(())),
+            journal: Arc::default(),
         };
         match log.tree.get(LAYOUT)?.as_deref() {
             Some([version]) if *version == LAYOUT_VERSION => {}
-            // Layout 5 only adds the compact row state encoding, read beside the old one.
-            Some([4]) => {
+            // Layout 5 only adds the compact row state encoding, read beside the old one;
+            // layout 6 the journal (which an earlier walhook would not write out).
+            Some([4 | 5]) => {
                 log.tree.insert(LAYOUT, &[LAYOUT_VERSION])?;
             }
             Some([2 | 3]) => {
@@ -337,7 +357,37 @@ impl Log {
                 })
             }
         }
+        log.write_out_journal()?;
         Ok(log)
+    }
+
+    /// Writes the row state entries of journals a crash left (in the order they were
+    /// written), removing each journal entry once its entries are written.
+    fn write_out_journal(&self) -> Result<(), LogError> {
+        let left: Vec<(sled::IVec, sled::IVec)> =
+            self.tree.scan_prefix([JOURNAL]).collect::<Result<_, _>>()?;
+        for (key, value) in &left {
+            self.write_each(&decode_journal(key, value)?)?;
+            self.tree.remove(key)?;
+        }
+        if !left.is_empty() {
+            tracing::info!(
+                entries = left.len(),
+                "wrote out the row state journal of an interrupted write"
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes entries (`None` removes) one by one: each atomic, the whole not.
+    fn write_each(&self, entries: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), LogError> {
+        for (key, value) in entries {
+            match value {
+                Some(value) => self.tree.insert(key.as_slice(), value.as_slice())?,
+                None => self.tree.remove(key.as_slice())?,
+            };
+        }
+        Ok(())
     }
 
     /// Moves the bodies of the first layout (`b'n'` entries) into their `p` or `d` entry, a
@@ -489,8 +539,10 @@ impl Log {
         self.append_with_state(notifications, &[], position, now_ms)
     }
 
-    /// As [`append`](Self::append), with row state writes (`None` removes the key) in the
-    /// same atomic batch. Each webhook's notifications become segments.
+    /// As [`append`](Self::append), with row state writes (`None` removes the key), atomic
+    /// with it: in the same batch, or, when there are many, through the journal (see the
+    /// module's documentation; readers may then see some of them before the others). Each
+    /// webhook's notifications become segments.
     pub fn append_with_state(
         &self,
         notifications: &[NewNotification],
@@ -498,11 +550,36 @@ impl Log {
         position: Option<Position>,
         now_ms: u64,
     ) -> Result<(), LogError> {
+        self.write(notifications, state, position, now_ms, JOURNAL_ENTRIES)
+    }
+
+    /// [`append_with_state`](Self::append_with_state), the journal taking `journal_from`
+    /// state entries or more.
+    fn write(
+        &self,
+        notifications: &[NewNotification],
+        state: &[(Vec<u8>, Option<Vec<u8>>)],
+        position: Option<Position>,
+        now_ms: u64,
+        journal_from: usize,
+    ) -> Result<(), LogError> {
         let mut batch = sled::Batch::default();
-        for (key, value) in state {
-            match value {
-                Some(value) => batch.insert(key.as_slice(), value.as_slice()),
-                None => batch.remove(key.as_slice()),
+        let mut journal = Vec::new();
+        if state.len() >= journal_from {
+            let sequence = self
+                .journal
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for (chunk, value) in encode_journal(state).into_iter().enumerate() {
+                let key = journal_key(sequence, chunk as u32);
+                batch.insert(key.as_slice(), value);
+                journal.push(key);
+            }
+        } else {
+            for (key, value) in state {
+                match value {
+                    Some(value) => batch.insert(key.as_slice(), value.as_slice()),
+                    None => batch.remove(key.as_slice()),
+                }
             }
         }
         let mut by_hook: BTreeMap<&str, Vec<&NewNotification>> = BTreeMap::new();
@@ -565,7 +642,13 @@ impl Log {
             batch.insert(POSITION, encode_json(&position));
         }
         self.tree.apply_batch(batch)?;
-        reclaim(state.len() + segments);
+        if !journal.is_empty() {
+            self.write_each(state)?;
+            for key in &journal {
+                self.tree.remove(key)?;
+            }
+        }
+        reclaim(state.len() + segments + 2 * journal.len());
         Ok(())
     }
 
@@ -670,13 +753,14 @@ impl Log {
 
     /// Writes raw entries (`None` removes) in batches of [`BULK_CHUNK`] (an even number, so
     /// pairs of entries stay together), each atomic, the whole not: for bulk writes that
-    /// a crash may cut short (a baseline, the scratch and staging areas).
+    /// a crash may cut short (a baseline, the scratch and staging areas). No journal: each
+    /// batch is short.
     pub(crate) fn write_bulk(
         &self,
         entries: &[(Vec<u8>, Option<Vec<u8>>)],
     ) -> Result<(), LogError> {
         for chunk in entries.chunks(BULK_CHUNK) {
-            self.append_with_state(&[], chunk, None, 0)?;
+            self.write(&[], chunk, None, 0, usize::MAX)?;
         }
         Ok(())
     }
@@ -1476,6 +1560,80 @@ pub struct Counts {
 }
 
 /// Milliseconds since the Unix epoch.
+/// A journal entry's key: its write's sequence number, then its chunk.
+fn journal_key(sequence: u64, chunk: u32) -> Vec<u8> {
+    let mut key = Vec::with_capacity(13);
+    key.push(JOURNAL);
+    key.extend_from_slice(&sequence.to_be_bytes());
+    key.extend_from_slice(&chunk.to_be_bytes());
+    key
+}
+
+/// Row state entries as journal values of up to [`SEGMENT_BYTES`] each (a larger entry
+/// alone): per entry the key's length (4 bytes, big-endian) and key, then 0 for a removal
+/// or 1, the value's length (4) and value.
+fn encode_journal(entries: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<Vec<u8>> {
+    let mut chunks = Vec::new();
+    let mut chunk: Vec<u8> = Vec::new();
+    for (key, value) in entries {
+        let size = 9 + key.len() + value.as_ref().map_or(0, Vec::len);
+        if !chunk.is_empty() && chunk.len() + size > SEGMENT_BYTES {
+            chunks.push(std::mem::take(&mut chunk));
+        }
+        chunk.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        chunk.extend_from_slice(key);
+        match value {
+            None => chunk.push(0),
+            Some(value) => {
+                chunk.push(1);
+                chunk.extend_from_slice(&(value.len() as u32).to_be_bytes());
+                chunk.extend_from_slice(value);
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
+}
+
+/// Raw entries to write: a key, and its value (`None` removes it).
+type Entries = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+/// The entries of one journal value (see [`encode_journal`]).
+fn decode_journal(key: &[u8], value: &[u8]) -> Result<Entries, LogError> {
+    fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, tail) = rest.split_at_checked(n)?;
+        *rest = tail;
+        Some(head)
+    }
+    fn sized<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let length = take(rest, 4)?;
+        take(rest, u32::from_be_bytes(length.try_into().ok()?) as usize)
+    }
+    let corrupt = |reason: &str| LogError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: format!("journal entry: {reason}"),
+    };
+    let mut rest = value;
+    let mut entries = Vec::new();
+    while !rest.is_empty() {
+        let entry_key = sized(&mut rest).ok_or_else(|| corrupt("ends early"))?;
+        let entry_value = match take(&mut rest, 1) {
+            Some([0]) => None,
+            Some([1]) => Some(
+                sized(&mut rest)
+                    .ok_or_else(|| corrupt("ends early"))?
+                    .to_vec(),
+            ),
+            Some(_) => return Err(corrupt("unknown entry kind")),
+            None => return Err(corrupt("ends early")),
+        };
+        entries.push((entry_key.to_vec(), entry_value));
+    }
+    Ok(entries)
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -2321,8 +2479,35 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn journal_entries_round_trip_in_chunks(
+            entries in proptest::collection::vec(
+                (proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+                 proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..9000))),
+                0..12),
+        ) {
+            let chunks = encode_journal(&entries);
+            let mut decoded = Vec::new();
+            for chunk in &chunks {
+                let mut one = decode_journal(b"j", chunk).expect("decodes");
+                // Over a chunk's size only when it holds one entry.
+                proptest::prop_assert!(chunk.len() <= SEGMENT_BYTES || one.len() == 1);
+                decoded.append(&mut one);
+            }
+            proptest::prop_assert_eq!(decoded, entries);
+        }
+
+        #[test]
+        fn decoding_a_journal_entry_never_panics(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let _ = decode_journal(b"j", &bytes);
+        }
+    }
+
     #[test]
-    fn a_layout_4_dir_opens_as_5_keeping_its_row_state() {
+    fn a_layout_4_dir_opens_as_the_current_one_keeping_its_row_state() {
         let dir = tempfile::tempdir().expect("tempdir");
         let row = crate::state::row_key("public.accounts", "1");
         // A row as layout 4 wrote it: each record whole.
@@ -2352,6 +2537,84 @@ mod tests {
         let packed = crate::state::Packed::decode(&bytes).expect("decodes");
         let record = packed.get("account_active").expect("record");
         assert_eq!((record.value, record.lsn), (crate::state::Known::True, 7));
+    }
+
+    /// Row state entries `t<i>` of `size`-byte values (`fill` repeated).
+    fn rows(count: usize, size: usize, fill: u8) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        (0..count)
+            .map(|i| (format!("t{i:05}").into_bytes(), Some(vec![fill; size])))
+            .collect()
+    }
+
+    fn journal_left(log: &Log) -> usize {
+        log.tree.scan_prefix([JOURNAL]).count()
+    }
+
+    #[test]
+    fn a_large_state_write_goes_through_the_journal_and_leaves_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path()).expect("open");
+        log.write_raw(&rows(10, 5, b'a')).expect("small write");
+        // More entries than a journal takes, a removal among them, values over a chunk.
+        let mut state = rows(JOURNAL_ENTRIES + 50, 300, b'b');
+        state[3].1 = None;
+        state[7].1 = Some(vec![b'c'; SEGMENT_BYTES + 10]);
+        let position = Position {
+            commit_lsn: 9,
+            end_lsn: 10,
+        };
+        log.append_with_state(&[note("h", 9, 0)], &state, Some(position), 1)
+            .expect("large write");
+        assert_eq!(journal_left(&log), 0);
+        for (key, value) in &state {
+            assert_eq!(log.get_raw(key).expect("read").as_deref(), value.as_deref());
+        }
+        assert_eq!(log.position().expect("position"), Some(position));
+        assert_eq!(log.counts().expect("counts").notifications, 1);
+    }
+
+    #[test]
+    fn a_journal_left_by_a_crash_is_written_out_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut state = rows(300, 200, b'n');
+        state[0].1 = None;
+        {
+            let log = Log::open(dir.path()).expect("open");
+            log.write_raw(&rows(2, 5, b'o')).expect("old rows");
+            // What a crash after the batch leaves: the journal, its entries not written
+            // out (`t00001` still has its old value); a later journal too.
+            let chunks = encode_journal(&state);
+            assert!(chunks.len() > 1, "{} chunks", chunks.len());
+            let mut raw: Vec<_> = chunks
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| (journal_key(3, i as u32), Some(c)))
+                .collect();
+            raw.push((
+                journal_key(4, 0),
+                Some(encode_journal(&rows(1, 3, b'z'))[0].clone()),
+            ));
+            log.tree
+                .apply_batch(raw.iter().fold(sled::Batch::default(), |mut b, (k, v)| {
+                    b.insert(k.as_slice(), v.as_deref().expect("value"));
+                    b
+                }))
+                .expect("journal");
+            assert_eq!(
+                log.get_raw(b"t00001").expect("read").as_deref(),
+                Some(&b"ooooo"[..])
+            );
+        }
+        let log = reopen(dir.path()).expect("reopen");
+        assert_eq!(journal_left(&log), 0);
+        // Journal 3 removes `t00000`, the later 4 writes it again: written out in order.
+        assert_eq!(
+            log.get_raw(b"t00000").expect("read").as_deref(),
+            Some(&b"zzz"[..])
+        );
+        for (key, value) in &state[1..] {
+            assert_eq!(log.get_raw(key).expect("read").as_deref(), value.as_deref());
+        }
     }
 
     #[test]

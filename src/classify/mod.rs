@@ -6,14 +6,18 @@
 //! at commit time, where the WHERE condition runs over row images from the WAL:
 //!
 //! ```sql
-//! WITH "__walhook_rows" AS (
-//!     SELECT u."__walhook_row", u."c0"::integer AS "id", u."c1"::text AS "status", ...
-//!     FROM unnest($1::int4[], $2::text[], $3::text[], ...) AS u("__walhook_row", "c0", "c1", ...))
-//! SELECT r."__walhook_row",
-//!        EXISTS (SELECT FROM (SELECT r.*) AS c WHERE <condition 1, as written>),  -- c: the
-//!        ...                                                   -- query's alias or table name
-//! FROM "__walhook_rows" AS r
+//! SELECT c."__walhook_row",
+//!        (<condition 1, as written>) IS TRUE,  -- c: the first condition's alias (the
+//!        ...                                   -- query's alias or its table's name)
+//! FROM (SELECT u."__walhook_row", u."c0"::integer AS "id", u."c1"::text AS "status", ...
+//!       FROM unnest($1::int4[], $2::text[], $3::text[], ...)
+//!            AS u("__walhook_row", "c0", "c1", ...)) AS c
 //! ```
+//!
+//! A condition under another alias `d` is `EXISTS (SELECT FROM (SELECT c.*) AS d WHERE
+//! <condition>)` instead. The condition was checked as the WHERE clause of its own query
+//! first, so it holds nothing a WHERE clause may not (aggregates, window or set-returning
+//! functions), which would change the meaning of a select list.
 //!
 //! Only the columns a condition may read are sent (see
 //! [`Classification::referenced_columns`]).
@@ -54,7 +58,10 @@ impl<'a> From<&'a Classification> for Condition<'a> {
 /// The text of the query that evaluates `conditions` over row images: `$1` numbers the
 /// rows, `$2..` hold one text array per column of `columns` (name, SQL type), and the result
 /// has the row number and one boolean per condition (true when it holds; false when it is
-/// false or null). Each condition sees the row under its own alias.
+/// false or null). Each condition sees the row under its own alias: the first condition's
+/// alias names the rows themselves, and the conditions under that alias (usually all) are
+/// plain expressions of the select list; one under another alias is a subquery that renames
+/// the row (a per-row subplan, several times dearer).
 pub fn evaluation_query(columns: &[(String, String)], conditions: &[Condition<'_>]) -> String {
     let mut selected = vec!["u.\"__walhook_row\"".to_string()];
     let mut arrays = vec!["$1::int4[]".to_string()];
@@ -64,22 +71,28 @@ pub fn evaluation_query(columns: &[(String, String)], conditions: &[Condition<'_
         arrays.push(format!("${}::text[]", i + 2));
         names.push(format!("\"c{i}\""));
     }
+    let rows = quote_ident(conditions.first().map_or("__walhook_rows", |c| c.alias));
     let tests: Vec<String> = conditions
         .iter()
         .map(|c| {
-            format!(
-                "EXISTS (SELECT FROM (SELECT r.*) AS {} WHERE {})",
-                quote_ident(c.alias),
-                c.predicate
-            )
+            let alias = quote_ident(c.alias);
+            if alias == rows {
+                format!("({}) IS TRUE", c.predicate)
+            } else {
+                format!(
+                    "EXISTS (SELECT FROM (SELECT {rows}.*) AS {alias} WHERE {})",
+                    c.predicate
+                )
+            }
         })
         .collect();
     format!(
-        "WITH \"__walhook_rows\" AS (SELECT {} FROM unnest({}) AS u({})) SELECT r.\"__walhook_row\", {} FROM \"__walhook_rows\" AS r",
+        "SELECT {rows}.\"__walhook_row\"{}{} FROM (SELECT {} FROM unnest({}) AS u({})) AS {rows}",
+        if tests.is_empty() { "" } else { ", " },
+        tests.join(", "),
         selected.join(", "),
         arrays.join(", "),
         names.join(", "),
-        tests.join(", ")
     )
 }
 
