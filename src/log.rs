@@ -53,11 +53,13 @@
 //! Journal: sled 0.34 makes every read in the process wait while a batch is applied (one
 //! global lock), and a group's batch with its thousands of row state entries held the
 //! stream's reads of the next group for most of its time. So a write with many state entries
-//! puts them in its atomic batch as a few journal entries, then writes them one by one (reads
-//! go on meanwhile) and removes the journal. [`Log::open`] writes what a journal left behind
-//! after a crash, before anything reads the state; writing an entry twice changes nothing,
-//! and no later write starts before the journal is gone, so none is overwritten with an
-//! older value.
+//! puts them in its atomic batch as a few journal entries (one with a value over 64 KB goes in
+//! the batch itself), then writes them one by one (reads go on meanwhile) and removes the
+//! journal. [`Log::open`] writes what a journal left behind after a crash, before anything
+//! reads the state; writing an entry twice changes nothing, and no later write starts before
+//! the journal is gone, so none is overwritten with an older value. Readers may see some of
+//! a journaled write's entries before the others: the stream answers the rows of the write
+//! in flight from memory, and nothing else reads row state meanwhile.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -94,6 +96,10 @@ const SEGMENT_BYTES: usize = 16 * 1024;
 /// A write with at least this many row state entries goes through the journal (one entry
 /// or a few are written faster than a journal entry is written and removed).
 const JOURNAL_ENTRIES: usize = 16;
+/// An entry with a value larger than this goes in the batch itself, not the journal: a
+/// journal entry holding it could pass sled's blob size (a quarter of a segment), and sled
+/// does not sync blob files, so a power loss could take the journal and the start after it.
+const JOURNAL_VALUE_BYTES: usize = 64 * 1024;
 const JOURNAL: u8 = b'j';
 
 /// Lets sled's epoch-based reclamation catch up after a batch of `writes` entries: every
@@ -380,7 +386,7 @@ impl Log {
     }
 
     /// Writes entries (`None` removes) one by one: each atomic, the whole not.
-    fn write_each(&self, entries: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), LogError> {
+    fn write_each<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) -> Result<(), LogError> {
         for (key, value) in entries {
             match value {
                 Some(value) => self.tree.insert(key.as_slice(), value.as_slice())?,
@@ -565,21 +571,37 @@ impl Log {
     ) -> Result<(), LogError> {
         let mut batch = sled::Batch::default();
         let mut journal = Vec::new();
-        if state.len() >= journal_from {
-            let sequence = self
-                .journal
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            for (chunk, value) in encode_journal(state).into_iter().enumerate() {
-                let key = journal_key(sequence, chunk as u32);
-                batch.insert(key.as_slice(), value);
-                journal.push(key);
-            }
+        let small = |(_, value): &&(Vec<u8>, Option<Vec<u8>>)| {
+            value
+                .as_ref()
+                .is_none_or(|v| v.len() <= JOURNAL_VALUE_BYTES)
+        };
+        let journaled: Vec<&Entry> = if state.len() >= journal_from {
+            state.iter().filter(small).collect()
         } else {
+            Vec::new()
+        };
+        if journaled.is_empty() {
             for (key, value) in state {
                 match value {
                     Some(value) => batch.insert(key.as_slice(), value.as_slice()),
                     None => batch.remove(key.as_slice()),
                 }
+            }
+        } else {
+            let sequence = self
+                .journal
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for (chunk, value) in encode_journal(journaled.iter().copied())
+                .into_iter()
+                .enumerate()
+            {
+                let key = journal_key(sequence, chunk as u32);
+                batch.insert(key.as_slice(), value);
+                journal.push(key);
+            }
+            for (key, value) in state.iter().filter(|e| !small(e)) {
+                batch.insert(key.as_slice(), value.as_deref().expect("a large value"));
             }
         }
         let mut by_hook: BTreeMap<&str, Vec<&NewNotification>> = BTreeMap::new();
@@ -643,7 +665,7 @@ impl Log {
         }
         self.tree.apply_batch(batch)?;
         if !journal.is_empty() {
-            self.write_each(state)?;
+            self.write_each(journaled)?;
             for key in &journal {
                 self.tree.remove(key)?;
             }
@@ -746,9 +768,10 @@ impl Log {
         }
     }
 
-    /// Writes raw entries (`None` removes) in one atomic batch.
+    /// Writes raw entries (`None` removes) in one atomic batch (no journal: readers see
+    /// all of them or none).
     pub(crate) fn write_raw(&self, entries: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), LogError> {
-        self.append_with_state(&[], entries, None, 0)
+        self.write(&[], entries, None, 0, usize::MAX)
     }
 
     /// Writes raw entries (`None` removes) in batches of [`BULK_CHUNK`] (an even number, so
@@ -1559,7 +1582,6 @@ pub struct Counts {
     pub attempts: usize,
 }
 
-/// Milliseconds since the Unix epoch.
 /// A journal entry's key: its write's sequence number, then its chunk.
 fn journal_key(sequence: u64, chunk: u32) -> Vec<u8> {
     let mut key = Vec::with_capacity(13);
@@ -1572,7 +1594,7 @@ fn journal_key(sequence: u64, chunk: u32) -> Vec<u8> {
 /// Row state entries as journal values of up to [`SEGMENT_BYTES`] each (a larger entry
 /// alone): per entry the key's length (4 bytes, big-endian) and key, then 0 for a removal
 /// or 1, the value's length (4) and value.
-fn encode_journal(entries: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<Vec<u8>> {
+fn encode_journal<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> Vec<Vec<u8>> {
     let mut chunks = Vec::new();
     let mut chunk: Vec<u8> = Vec::new();
     for (key, value) in entries {
@@ -1597,8 +1619,9 @@ fn encode_journal(entries: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<Vec<u8>> {
     chunks
 }
 
-/// Raw entries to write: a key, and its value (`None` removes it).
-type Entries = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+/// A raw entry to write: a key, and its value (`None` removes it).
+type Entry = (Vec<u8>, Option<Vec<u8>>);
+type Entries = Vec<Entry>;
 
 /// The entries of one journal value (see [`encode_journal`]).
 fn decode_journal(key: &[u8], value: &[u8]) -> Result<Entries, LogError> {
@@ -1634,6 +1657,7 @@ fn decode_journal(key: &[u8], value: &[u8]) -> Result<Entries, LogError> {
     Ok(entries)
 }
 
+/// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -2559,6 +2583,8 @@ mod tests {
         let mut state = rows(JOURNAL_ENTRIES + 50, 300, b'b');
         state[3].1 = None;
         state[7].1 = Some(vec![b'c'; SEGMENT_BYTES + 10]);
+        // Too large for the journal: in the batch itself.
+        state[9].1 = Some(vec![b'd'; JOURNAL_VALUE_BYTES + 1]);
         let position = Position {
             commit_lsn: 9,
             end_lsn: 10,
