@@ -571,7 +571,7 @@ impl Log {
     ) -> Result<(), LogError> {
         let mut batch = sled::Batch::default();
         let mut journal = Vec::new();
-        let small = |(_, value): &&(Vec<u8>, Option<Vec<u8>>)| {
+        let small = |(_, value): &&Entry| {
             value
                 .as_ref()
                 .is_none_or(|v| v.len() <= JOURNAL_VALUE_BYTES)

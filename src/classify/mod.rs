@@ -61,7 +61,7 @@ impl<'a> From<&'a Classification> for Condition<'a> {
 /// false or null). Each condition sees the row under its own alias: the first condition's
 /// alias names the rows themselves, and the conditions under that alias (usually all) are
 /// plain expressions of the select list; one under another alias is a subquery that renames
-/// the row (a per-row subplan, several times dearer).
+/// the row (a subplan run per row).
 pub fn evaluation_query(columns: &[(String, String)], conditions: &[Condition<'_>]) -> String {
     let mut selected = vec!["u.\"__walhook_row\"".to_string()];
     let mut arrays = vec!["$1::int4[]".to_string()];
