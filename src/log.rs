@@ -25,8 +25,8 @@
 //! b't' ..., b'c' ..., b'q' ...          → the row state store (see `crate::state`)
 //! b'x' ..., b'y' ...                    → a spilled transaction's scratch and staging areas
 //!                                        (see `crate::derive::classification`)
-//! b'j' sequence chunk                   → journal: a large write's row state entries, until
-//!                                        they are written one by one
+//! b'j' sequence chunk                   → journal: row state entries an earlier walhook had
+//!                                        still to write one by one (read at open only)
 //! ```
 //!
 //! Notifications are written as segments: one sled entry per webhook per write (a group of
@@ -51,15 +51,13 @@
 //! replaced).
 //!
 //! Journal: sled 0.34 makes every read in the process wait while a batch is applied (one
-//! global lock), and a group's batch with its thousands of row state entries held the
-//! stream's reads of the next group for most of its time. So a write with many state entries
-//! puts them in its atomic batch as a few journal entries (one with a value over 64 KB goes in
-//! the batch itself), then writes them one by one (reads go on meanwhile) and removes the
-//! journal. [`Log::open`] writes what a journal left behind after a crash, before anything
-//! reads the state; writing an entry twice changes nothing, and no later write starts before
-//! the journal is gone, so none is overwritten with an older value. Readers may see some of
-//! a journaled write's entries before the others: the stream answers the rows of the write
-//! in flight from memory, and nothing else reads row state meanwhile.
+//! global lock). The walhook that introduced layout 6 therefore put a large write's row
+//! state entries in its batch as a few journal entries, then wrote them one by one and
+//! removed the journal; that wrote the state twice. Now the stream has the group in flight
+//! written only once it has read what the next group needs (`crate::run`), and every write
+//! is one batch. [`Log::open`] still writes out what a journal left behind after a crash,
+//! in the order it was written, before anything reads the state: such a data dir is read as
+//! it was meant.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -93,13 +91,8 @@ const FLOOR_STEP: usize = 20_000;
 /// segment of its own). sled rewrites a whole page to change one value, so segments stay
 /// well under its page sizes.
 const SEGMENT_BYTES: usize = 16 * 1024;
-/// A write with at least this many row state entries goes through the journal (one entry
-/// or a few are written faster than a journal entry is written and removed).
-const JOURNAL_ENTRIES: usize = 16;
-/// An entry with a value larger than this goes in the batch itself, not the journal: a
-/// journal entry holding it could pass sled's blob size (a quarter of a segment), and sled
-/// does not sync blob files, so a power loss could take the journal and the start after it.
-const JOURNAL_VALUE_BYTES: usize = 64 * 1024;
+/// Journal entries, which an earlier walhook of layout 6 wrote (see the module's
+/// documentation).
 const JOURNAL: u8 = b'j';
 
 /// Lets sled's epoch-based reclamation catch up after a batch of `writes` entries: every
@@ -296,8 +289,6 @@ pub struct Log {
     /// redelivery); with [`Status::round`], a redelivery made while an attempt is in flight
     /// is not undone by that attempt's outcome.
     status: Arc<std::sync::Mutex<()>>,
-    /// The next journal's sequence number.
-    journal: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Log {
@@ -338,7 +329,6 @@ impl Log {
             tree,
             file: Arc::new(file),
             status: Arc::new(std::sync::Mutex::new(())),
-            journal: Arc::default(),
         };
         match log.tree.get(LAYOUT)?.as_deref() {
             Some([version]) if *version == LAYOUT_VERSION => {}
@@ -367,8 +357,8 @@ impl Log {
         Ok(log)
     }
 
-    /// Writes the row state entries of journals a crash left (in the order they were
-    /// written), removing each journal entry once its entries are written.
+    /// Writes the row state entries of journals a crash left an earlier walhook (in the
+    /// order they were written), removing each journal entry once its entries are written.
     fn write_out_journal(&self) -> Result<(), LogError> {
         let left: Vec<(sled::IVec, sled::IVec)> =
             self.tree.scan_prefix([JOURNAL]).collect::<Result<_, _>>()?;
@@ -545,10 +535,8 @@ impl Log {
         self.append_with_state(notifications, &[], position, now_ms)
     }
 
-    /// As [`append`](Self::append), with row state writes (`None` removes the key), atomic
-    /// with it: in the same batch, or, when there are many, through the journal (see the
-    /// module's documentation; readers may then see some of them before the others). Each
-    /// webhook's notifications become segments.
+    /// As [`append`](Self::append), with row state writes (`None` removes the key), in the
+    /// same atomic batch. Each webhook's notifications become segments.
     pub fn append_with_state(
         &self,
         notifications: &[NewNotification],
@@ -556,52 +544,11 @@ impl Log {
         position: Option<Position>,
         now_ms: u64,
     ) -> Result<(), LogError> {
-        self.write(notifications, state, position, now_ms, JOURNAL_ENTRIES)
-    }
-
-    /// [`append_with_state`](Self::append_with_state), the journal taking `journal_from`
-    /// state entries or more.
-    fn write(
-        &self,
-        notifications: &[NewNotification],
-        state: &[(Vec<u8>, Option<Vec<u8>>)],
-        position: Option<Position>,
-        now_ms: u64,
-        journal_from: usize,
-    ) -> Result<(), LogError> {
         let mut batch = sled::Batch::default();
-        let mut journal = Vec::new();
-        let small = |(_, value): &&Entry| {
-            value
-                .as_ref()
-                .is_none_or(|v| v.len() <= JOURNAL_VALUE_BYTES)
-        };
-        let journaled: Vec<&Entry> = if state.len() >= journal_from {
-            state.iter().filter(small).collect()
-        } else {
-            Vec::new()
-        };
-        if journaled.is_empty() {
-            for (key, value) in state {
-                match value {
-                    Some(value) => batch.insert(key.as_slice(), value.as_slice()),
-                    None => batch.remove(key.as_slice()),
-                }
-            }
-        } else {
-            let sequence = self
-                .journal
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            for (chunk, value) in encode_journal(journaled.iter().copied())
-                .into_iter()
-                .enumerate()
-            {
-                let key = journal_key(sequence, chunk as u32);
-                batch.insert(key.as_slice(), value);
-                journal.push(key);
-            }
-            for (key, value) in state.iter().filter(|e| !small(e)) {
-                batch.insert(key.as_slice(), value.as_deref().expect("a large value"));
+        for (key, value) in state {
+            match value {
+                Some(value) => batch.insert(key.as_slice(), value.as_slice()),
+                None => batch.remove(key.as_slice()),
             }
         }
         let mut by_hook: BTreeMap<&str, Vec<&NewNotification>> = BTreeMap::new();
@@ -664,13 +611,7 @@ impl Log {
             batch.insert(POSITION, encode_json(&position));
         }
         self.tree.apply_batch(batch)?;
-        if !journal.is_empty() {
-            self.write_each(journaled)?;
-            for key in &journal {
-                self.tree.remove(key)?;
-            }
-        }
-        reclaim(state.len() + segments + 2 * journal.len());
+        reclaim(state.len() + segments);
         Ok(())
     }
 
@@ -768,22 +709,20 @@ impl Log {
         }
     }
 
-    /// Writes raw entries (`None` removes) in one atomic batch (no journal: readers see
-    /// all of them or none).
+    /// Writes raw entries (`None` removes) in one atomic batch.
     pub(crate) fn write_raw(&self, entries: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), LogError> {
-        self.write(&[], entries, None, 0, usize::MAX)
+        self.append_with_state(&[], entries, None, 0)
     }
 
     /// Writes raw entries (`None` removes) in batches of [`BULK_CHUNK`] (an even number, so
     /// pairs of entries stay together), each atomic, the whole not: for bulk writes that
-    /// a crash may cut short (a baseline, the scratch and staging areas). No journal: each
-    /// batch is short.
+    /// a crash may cut short (a baseline, the scratch and staging areas).
     pub(crate) fn write_bulk(
         &self,
         entries: &[(Vec<u8>, Option<Vec<u8>>)],
     ) -> Result<(), LogError> {
         for chunk in entries.chunks(BULK_CHUNK) {
-            self.write(&[], chunk, None, 0, usize::MAX)?;
+            self.write_raw(chunk)?;
         }
         Ok(())
     }
@@ -1583,6 +1522,7 @@ pub struct Counts {
 }
 
 /// A journal entry's key: its write's sequence number, then its chunk.
+#[cfg(test)]
 fn journal_key(sequence: u64, chunk: u32) -> Vec<u8> {
     let mut key = Vec::with_capacity(13);
     key.push(JOURNAL);
@@ -1593,7 +1533,9 @@ fn journal_key(sequence: u64, chunk: u32) -> Vec<u8> {
 
 /// Row state entries as journal values of up to [`SEGMENT_BYTES`] each (a larger entry
 /// alone): per entry the key's length (4 bytes, big-endian) and key, then 0 for a removal
-/// or 1, the value's length (4) and value.
+/// or 1, the value's length (4) and value. (What the earlier walhook wrote; tests make
+/// journals with it.)
+#[cfg(test)]
 fn encode_journal<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> Vec<Vec<u8>> {
     let mut chunks = Vec::new();
     let mut chunk: Vec<u8> = Vec::new();
@@ -2575,16 +2517,15 @@ mod tests {
     }
 
     #[test]
-    fn a_large_state_write_goes_through_the_journal_and_leaves_none() {
+    fn a_large_state_write_is_written_whole_with_its_position() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = Log::open(dir.path()).expect("open");
         log.write_raw(&rows(10, 5, b'a')).expect("small write");
-        // More entries than a journal takes, a removal among them, values over a chunk.
-        let mut state = rows(JOURNAL_ENTRIES + 50, 300, b'b');
+        // Many entries, a removal among them, values over a segment's size.
+        let mut state = rows(3000, 300, b'b');
         state[3].1 = None;
         state[7].1 = Some(vec![b'c'; SEGMENT_BYTES + 10]);
-        // Too large for the journal: in the batch itself.
-        state[9].1 = Some(vec![b'd'; JOURNAL_VALUE_BYTES + 1]);
+        state[9].1 = Some(vec![b'd'; 64 * 1024 + 1]);
         let position = Position {
             commit_lsn: 9,
             end_lsn: 10,

@@ -555,16 +555,20 @@ struct Stream<'a> {
 }
 
 /// A group written to the log on a blocking thread (sled's batch is most of a classified
-/// group's cost), so that the stream meanwhile receives the next transactions and evaluates
-/// them: their evaluation reads `state` as if it were in the log already. (sled 0.34 holds a
-/// tree-wide lock while it applies a batch, so the next group's reads of other rows wait for
-/// the batch; receiving, decoding and PostgreSQL's evaluation do overlap it.) At most one is
-/// in flight; whatever reads the log otherwise (a recheck, a spilled transaction, the end of
-/// a session) waits for it first ([`Stream::settle`]).
+/// group's cost), so that the stream meanwhile evaluates the next transactions: their
+/// evaluation reads `state` as if it were in the log already. sled 0.34 makes every read
+/// in the process wait while a batch is applied (one lock), so the job starts its batch
+/// only when `go` is sent or dropped: once the next group's evaluation has read the stored
+/// rows it compares with (so those reads do not wait for the batch, which then overlaps
+/// PostgreSQL's evaluation and the comparison), or as soon as the stream has nothing else
+/// to do. At most one is in flight; whatever reads the log otherwise (a recheck, a spilled
+/// transaction, the end of a session) waits for it first ([`Stream::settle`]).
 struct InFlight {
     state: std::sync::Arc<classification::RowWrites>,
     /// Publishes the group's position to the flusher once written.
     job: tokio::task::JoinHandle<Result<(), LogError>>,
+    /// Lets the job start its batch (sent or dropped).
+    go: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// The outcome of writing the group in flight (at once when there is none). The caller
@@ -810,6 +814,11 @@ impl Stream<'_> {
                         Err(e) => break SessionEnd::Failed(e),
                     }
                 }
+                // Nothing at all to do: the group in flight may be written now (under load the
+                // next group's evaluation lets it go once it has read the rows it needs).
+                _ = std::future::ready(()), if self.in_flight.as_ref().is_some_and(|f| f.go.is_some()) => {
+                    self.release();
+                }
             }
         };
         // Transactions staged when the loop ended are complete: write them too (nothing was
@@ -844,8 +853,9 @@ impl Stream<'_> {
         Ok(end)
     }
 
-    /// Evaluates the staged group's classifications, then has it written to the log in one
-    /// batch in the background ([`InFlight`]); returns the position it reaches, which the
+    /// Evaluates the staged group's classifications (letting the group in flight go once
+    /// the stored rows are read), then has it written to the log in one batch in the
+    /// background ([`InFlight`]); returns the position it reaches, which the
     /// job publishes to the flusher once written. The inner error is the database going
     /// away: nothing was written, and the session ends; the group, never acknowledged, is
     /// streamed again.
@@ -856,9 +866,10 @@ impl Stream<'_> {
     ) -> Result<Result<Option<Position>, SourceError>, RunError> {
         let group = std::mem::take(staged);
         let pending = self.in_flight.as_ref().map(|f| f.state.clone());
+        let release = self.in_flight.as_mut().and_then(|f| f.go.take());
         let (transitions, state) = match self
             .classifier
-            .evaluate(&group.classified, self.log, pending)
+            .evaluate(&group.classified, self.log, pending, release)
             .await
         {
             Ok(derived) => derived,
@@ -872,21 +883,35 @@ impl Stream<'_> {
         let state = std::sync::Arc::new(state);
         let position = group.position;
         let (log, written, applied) = (self.log.clone(), state.clone(), applied_tx.clone());
+        let (go, gate) = tokio::sync::oneshot::channel::<()>();
         let job = tokio::task::spawn_blocking(move || {
+            let _ = gate.blocking_recv();
             let written = classification::encode_rows(&written);
             log.append_with_state(&notifications, &written, position, now_ms())?;
             applied.send_replace(position);
             Ok(())
         });
-        self.in_flight = Some(InFlight { state, job });
+        self.in_flight = Some(InFlight {
+            state,
+            job,
+            go: Some(go),
+        });
         Ok(Ok(position))
     }
 
     /// Waits until the group in flight, if any, is written.
     async fn settle(&mut self) -> Result<(), RunError> {
+        self.release();
         let result = written(&mut self.in_flight).await;
         self.in_flight = None;
         result
+    }
+
+    /// Lets the group in flight be written now.
+    fn release(&mut self) {
+        if let Some(go) = self.in_flight.as_mut().and_then(|f| f.go.take()) {
+            let _ = go.send(());
+        }
     }
 
     /// Moves the open transaction's touched rows of classified tables to the scratch area.

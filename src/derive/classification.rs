@@ -930,13 +930,16 @@ impl Classifier {
     }
 
     /// The notifications and state writes of `txns`, in commit order. `pending`: the state
-    /// writes of the group before, if they may not be in the log yet (it is being written
-    /// meanwhile); they are read as if they were.
+    /// writes of the group before, if they may not be in the log yet; they are read as if
+    /// they were. `release` lets that group's write start: sent once the stored rows are
+    /// read (sled makes reads wait while a batch is applied), dropped at the latest on
+    /// return.
     pub async fn evaluate(
         &mut self,
         txns: &[StagedTxn],
         log: &Log,
         pending: Option<Arc<RowWrites>>,
+        release: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<(Vec<NewNotification>, RowWrites), ClassifyError> {
         if txns.iter().all(|t| t.changes.is_empty()) {
             return Ok((Vec::new(), Vec::new()));
@@ -947,6 +950,7 @@ impl Classifier {
         }
         let mut overlay = Overlay {
             pending,
+            release,
             cache: std::mem::take(&mut self.cache),
             ..Overlay::default()
         };
@@ -1142,6 +1146,10 @@ impl Classifier {
         let image_of =
             |table: &TableName, t: usize, r: usize| passes.get(table).and_then(|p| p.image(t, r));
 
+        // The stored rows pass 2 compares with are read: the group before may be written.
+        if let Some(release) = overlay.release.take() {
+            let _ = release.send(());
+        }
         // The dependencies' live reads below must see the transactions too.
         evaluator.confirm_visible().await?;
         // Pass 2, per transaction in commit order: before vs after.
@@ -1852,6 +1860,8 @@ struct Overlay {
     /// Rows as the log holds them once `pending` is written (empty for a spilled
     /// transaction).
     cache: StateCache,
+    /// Lets the write of `pending` start (sent or dropped; see [`Classifier::evaluate`]).
+    release: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Overlay {
