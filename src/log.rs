@@ -1237,20 +1237,43 @@ impl Log {
 
     /// A notification's logging time and body.
     fn find(&self, key: &NotificationKey) -> Result<Option<(u64, Vec<u8>)>, LogError> {
+        self.find_near(key, &mut SegmentCache::default())
+    }
+
+    /// [`find`](Self::find), looking first in the segment `cache` holds, which then holds
+    /// the segment read.
+    fn find_near(
+        &self,
+        key: &NotificationKey,
+        cache: &mut SegmentCache,
+    ) -> Result<Option<(u64, Vec<u8>)>, LogError> {
         let prefix = hook_prefix(SEGMENT, &key.hook);
+        if let Some((segment, value)) = &cache.0 {
+            if segment.starts_with(&prefix) {
+                if let Some(found) = note_in(segment, value, key)? {
+                    return Ok(Some(found));
+                }
+            }
+        }
         let Some(entry) = self.tree.range(prefix..=key.encode(SEGMENT)).next_back() else {
             return Ok(None);
         };
         let (segment, value) = entry?;
-        let (created, mut notes) = segment_notes(&segment, &value)?;
-        // Header by header, copying only the body asked for.
-        notes
-            .find(|n| {
-                n.as_ref()
-                    .map_or(true, |n| (n.lsn, n.ordinal) == (key.lsn, key.ordinal))
-            })
-            .transpose()
-            .map(|n| n.map(|n| (created, n.body.to_vec())))
+        let found = note_in(&segment, &value, key)?;
+        cache.0 = Some((segment, value));
+        Ok(found)
+    }
+
+    /// The body of a notification, looking first in the segment `cache` holds (a queue
+    /// sends the notifications of a segment one after the other). A notification is in one
+    /// segment at most, and its body never changes, so a segment read earlier that holds it
+    /// holds its body.
+    pub fn body_near(
+        &self,
+        key: &NotificationKey,
+        cache: &mut SegmentCache,
+    ) -> Result<Option<Vec<u8>>, LogError> {
+        Ok(self.find_near(key, cache)?.map(|(_, body)| body))
     }
 
     /// Delivered entries and statuses of `hook`'s notifications from `lo` to `hi`.
@@ -1425,6 +1448,28 @@ fn segment_notes<'a>(key: &[u8], value: &'a [u8]) -> Result<(u64, SegmentNotes<'
         },
     ))
 }
+
+/// The logging time and body of `key`'s notification if segment `segment` holds it (header
+/// by header, copying only that body).
+fn note_in(
+    segment: &[u8],
+    value: &[u8],
+    key: &NotificationKey,
+) -> Result<Option<(u64, Vec<u8>)>, LogError> {
+    let (created, mut notes) = segment_notes(segment, value)?;
+    notes
+        .find(|n| {
+            n.as_ref()
+                .map_or(true, |n| (n.lsn, n.ordinal) == (key.lsn, key.ordinal))
+        })
+        .transpose()
+        .map(|n| n.map(|n| (created, n.body.to_vec())))
+}
+
+/// The last segment read by [`Log::body_near`]: its key and value (shared with sled's
+/// cache, not copied).
+#[derive(Default)]
+pub struct SegmentCache(Option<(sled::IVec, sled::IVec)>);
 
 /// A segment's logging time and all its notifications.
 fn parse_segment<'a>(key: &[u8], value: &'a [u8]) -> Result<(u64, Vec<SegmentNote<'a>>), LogError> {
@@ -1938,6 +1983,38 @@ mod tests {
         assert_eq!(all.len(), 7);
         for n in big.iter().chain(&small) {
             assert_eq!(log.body(&n.key).expect("body").as_ref(), Some(&n.body));
+        }
+    }
+
+    #[test]
+    fn bodies_read_near_a_cached_segment_are_those_of_the_log() {
+        let (_dir, log) = fresh_log();
+        // Webhook "a": two segments (5 KB bodies, three per segment); "b": one.
+        let notes: Vec<NewNotification> = (0..6u32)
+            .map(|i| NewNotification {
+                key: key("a", 1, i),
+                body: format!("{i}").repeat(5000).into_bytes(),
+            })
+            .chain((0..3u32).map(|i| note("b", 1, i)))
+            .collect();
+        log.append(&notes, None, 0).expect("append");
+        assert_eq!(entries_of(&log, SEGMENT), 3);
+        let mut cache = SegmentCache::default();
+        // In order, backwards, across webhooks, and twice over: always the body asked for.
+        let order = [0, 1, 2, 3, 4, 5, 8, 7, 6, 5, 0, 6, 4, 2];
+        for at in order {
+            let n = &notes[at];
+            assert_eq!(
+                log.body_near(&n.key, &mut cache).expect("body").as_ref(),
+                Some(&n.body),
+                "{}",
+                n.key
+            );
+        }
+        // Not in the log (past the cached segment's last notification, or another
+        // webhook's key where the cached segment has the same LSN and ordinal).
+        for missing in [key("a", 1, 6), key("c", 1, 0), key("a", 2, 0)] {
+            assert_eq!(log.body_near(&missing, &mut cache).expect("read"), None);
         }
     }
 

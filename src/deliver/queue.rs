@@ -24,7 +24,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Webhook;
 use crate::deliver::http::{Endpoint, Outcome};
-use crate::log::{now_ms, AfterAttempt, Attempt, Log, LogError, NotificationKey, Position, Status};
+use crate::log::{
+    now_ms, AfterAttempt, Attempt, Log, LogError, NotificationKey, Position, SegmentCache, Status,
+};
 
 /// How many notifications one webhook keeps in memory at most, besides those in flight.
 const MIN_WINDOW: usize = 256;
@@ -85,6 +87,8 @@ pub struct Queue {
     /// queue runs on (see `run.rs`), so that a sled I/O thread started by a write never
     /// inherits the delivery threads' lower CPU priority.
     writer: tokio::runtime::Handle,
+    /// The segment the last body was read from: the next one is most often in it.
+    segment: SegmentCache,
 }
 
 impl Queue {
@@ -119,6 +123,7 @@ impl Queue {
             unrecorded_since: None,
             floor_moved: tokio::time::Instant::now(),
             writer,
+            segment: SegmentCache::default(),
         }
     }
 
@@ -296,7 +301,7 @@ impl Queue {
                 break;
             }
             let ((_, key), status) = entry.remove_entry();
-            let Some(body) = self.log.body(&key)? else {
+            let Some(body) = self.log.body_near(&key, &mut self.segment)? else {
                 // Pruned underneath us (only delivered entries are pruned): nothing to send.
                 continue;
             };

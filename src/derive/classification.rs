@@ -61,7 +61,7 @@ pub struct TableChanges {
     /// The table was truncated; rows touched after the TRUNCATE are in `rows`.
     pub truncated: bool,
     pub rows: Vec<(String, RowChange)>,
-    index: HashMap<String, usize>,
+    index: FxHashMap<String, usize>,
     /// How many TRUNCATEs of the table the transaction made so far (a spilled transaction's
     /// earlier rows are dropped when this grows).
     pub truncations: u32,
@@ -1084,8 +1084,8 @@ impl Classifier {
             let mut pass = TablePass::default();
             // By row: its image as of the transactions so far, and as it left by a key
             // update or a delete.
-            let mut latest: HashMap<&str, usize> = HashMap::new();
-            let mut departed: HashMap<&str, usize> = HashMap::new();
+            let mut latest: FxHashMap<&str, usize> = FxHashMap::default();
+            let mut departed: FxHashMap<&str, usize> = FxHashMap::default();
             let mut labels = Vec::new();
             for txn in txns {
                 let mut at = Vec::new();
