@@ -289,6 +289,9 @@ pub struct Log {
     /// redelivery); with [`Status::round`], a redelivery made while an attempt is in flight
     /// is not undone by that attempt's outcome.
     status: Arc<std::sync::Mutex<()>>,
+    /// Bumped after every write that takes notifications out of segments (pruning, a
+    /// transaction's leftover ordinals): a [`SegmentCache`] filled before is not used.
+    segments_cut: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Log {
@@ -329,6 +332,7 @@ impl Log {
             tree,
             file: Arc::new(file),
             status: Arc::new(std::sync::Mutex::new(())),
+            segments_cut: Arc::default(),
         };
         match log.tree.get(LAYOUT)?.as_deref() {
             Some([version]) if *version == LAYOUT_VERSION => {}
@@ -658,6 +662,7 @@ impl Log {
         }
         if any {
             self.tree.apply_batch(batch)?;
+            self.cut_segments();
         }
         Ok(())
     }
@@ -1125,6 +1130,7 @@ impl Log {
                     batch.insert(key, segment_value(created, kept));
                 }
                 self.tree.apply_batch(batch)?;
+                self.cut_segments();
                 reclaim(2 * removed);
             }
         }
@@ -1248,8 +1254,10 @@ impl Log {
         cache: &mut SegmentCache,
     ) -> Result<Option<(u64, Vec<u8>)>, LogError> {
         let prefix = hook_prefix(SEGMENT, &key.hook);
-        if let Some((segment, value)) = &cache.0 {
-            if segment.starts_with(&prefix) {
+        // Read before the segment: a cut after this makes the cache stale.
+        let cuts = self.segments_cut.load(std::sync::atomic::Ordering::Acquire);
+        if let Some((filled, segment, value)) = &cache.0 {
+            if *filled == cuts && segment.starts_with(&prefix) {
                 if let Some(found) = note_in(segment, value, key)? {
                     return Ok(Some(found));
                 }
@@ -1260,14 +1268,22 @@ impl Log {
         };
         let (segment, value) = entry?;
         let found = note_in(&segment, &value, key)?;
-        cache.0 = Some((segment, value));
+        cache.0 = Some((cuts, segment, value));
         Ok(found)
+    }
+
+    /// Marks every [`SegmentCache`] stale (after a write took notifications out of
+    /// segments).
+    fn cut_segments(&self) {
+        self.segments_cut
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     /// The body of a notification, looking first in the segment `cache` holds (a queue
     /// sends the notifications of a segment one after the other). A notification is in one
-    /// segment at most, and its body never changes, so a segment read earlier that holds it
-    /// holds its body.
+    /// segment at most and its body never changes, so a segment read earlier that holds it
+    /// holds its body, unless it was taken out since (pruned, or a leftover ordinal): then
+    /// the cache is stale and not used.
     pub fn body_near(
         &self,
         key: &NotificationKey,
@@ -1466,10 +1482,17 @@ fn note_in(
         .map(|n| n.map(|n| (created, n.body.to_vec())))
 }
 
-/// The last segment read by [`Log::body_near`]: its key and value (shared with sled's
-/// cache, not copied).
+/// The last segment read by [`Log::body_near`]: how many segment cuts had been made when it
+/// was read, its key and its value (shared with sled's cache, not copied).
 #[derive(Default)]
-pub struct SegmentCache(Option<(sled::IVec, sled::IVec)>);
+pub struct SegmentCache(Option<(u64, sled::IVec, sled::IVec)>);
+
+impl SegmentCache {
+    /// Lets go of the segment.
+    pub fn clear(&mut self) {
+        self.0 = None;
+    }
+}
 
 /// A segment's logging time and all its notifications.
 fn parse_segment<'a>(key: &[u8], value: &'a [u8]) -> Result<(u64, Vec<SegmentNote<'a>>), LogError> {
@@ -2016,6 +2039,20 @@ mod tests {
         for missing in [key("a", 1, 6), key("c", 1, 0), key("a", 2, 0)] {
             assert_eq!(log.body_near(&missing, &mut cache).expect("read"), None);
         }
+        // Taken out of its segment after the cache read it: not answered from the cache.
+        assert!(log
+            .body_near(&key("b", 1, 2), &mut cache)
+            .expect("body")
+            .is_some());
+        log.truncate_transaction("b", 1, 2).expect("truncate");
+        assert_eq!(
+            log.body_near(&key("b", 1, 2), &mut cache).expect("read"),
+            None
+        );
+        assert!(log
+            .body_near(&key("b", 1, 1), &mut cache)
+            .expect("body")
+            .is_some());
     }
 
     #[test]

@@ -560,8 +560,8 @@ struct Stream<'a> {
 /// in the process wait while a batch is applied (one lock), so the job starts its batch
 /// only when `go` is sent or dropped: once the next group's evaluation has read the stored
 /// rows it compares with (so those reads do not wait for the batch, which then overlaps
-/// PostgreSQL's evaluation and the comparison), or as soon as the stream has nothing else
-/// to do. At most one is in flight; whatever reads the log otherwise (a recheck, a spilled
+/// PostgreSQL's evaluation of the last table and the comparison), or as soon as the stream
+/// has nothing else to do (or ends in error). At most one is in flight; whatever reads the log otherwise (a recheck, a spilled
 /// transaction, the end of a session) waits for it first ([`Stream::settle`]).
 struct InFlight {
     state: std::sync::Arc<classification::RowWrites>,
@@ -597,7 +597,13 @@ impl Stream<'_> {
             assembler.reset(logged);
             self.classifier.forget_cached();
             self.spilled = None;
-            match self.session(assembler, stop, &mut backoff).await? {
+            let ended = self.session(assembler, stop, &mut backoff).await;
+            if ended.is_err() {
+                // Ending in error: the group in flight is written now, not once the stream
+                // is dropped.
+                self.release();
+            }
+            match ended? {
                 SessionEnd::Stopped => return Ok(()),
                 SessionEnd::Failed(e) if e.is_transient() => {
                     tracing::warn!(error = %e, "replication interrupted, reconnecting");

@@ -295,6 +295,8 @@ impl Queue {
         let now = now_ms();
         while self.in_flight < self.webhook.max_in_flight {
             let Some(entry) = self.window.first_entry() else {
+                // Nothing left to send: the segment need not stay in memory.
+                self.segment.clear();
                 break;
             };
             if entry.get().next_at_ms > now {

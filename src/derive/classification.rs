@@ -932,19 +932,21 @@ impl Classifier {
     /// The notifications and state writes of `txns`, in commit order. `pending`: the state
     /// writes of the group before, if they may not be in the log yet; they are read as if
     /// they were. `release` lets that group's write start: sent once the stored rows are
-    /// read (sled makes reads wait while a batch is applied), dropped at the latest on
-    /// return.
+    /// read, before PostgreSQL's evaluation is awaited (sled makes reads wait while a batch
+    /// is applied), dropped at the latest on return.
     pub async fn evaluate(
         &mut self,
         txns: &[StagedTxn],
         log: &Log,
         pending: Option<Arc<RowWrites>>,
-        release: Option<tokio::sync::oneshot::Sender<()>>,
+        mut release: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<(Vec<NewNotification>, RowWrites), ClassifyError> {
         if txns.iter().all(|t| t.changes.is_empty()) {
             return Ok((Vec::new(), Vec::new()));
         }
         if self.evaluator.is_none() {
+            // Connecting can take long: the group before does not wait for it.
+            drop(release.take());
             let client = self.db.connect().await?;
             self.evaluator = Some(Evaluator::new(client, false));
         }
@@ -1078,6 +1080,17 @@ impl Classifier {
         let xids: Vec<u32> = txns.iter().map(|t| t.ctx.xid).filter(|x| *x != 0).collect();
         evaluator.expect_visible(&xids);
         let in_scratch = spilled.is_some();
+        // The last table whose stored rows pass 1 reads: once they are, the group before
+        // may be written (while PostgreSQL evaluates).
+        let last_read = self
+            .tables
+            .iter()
+            .filter(|(name, table)| {
+                !table.classes.is_empty()
+                    && txns.iter().any(|t| t.changes.tables.contains_key(name))
+            })
+            .map(|(name, _)| name)
+            .next_back();
         // Pass 1, per table: fill every image, then evaluate them all at once.
         let mut passes: HashMap<&TableName, TablePass> = HashMap::new();
         for (name, table) in &self.tables {
@@ -1137,6 +1150,9 @@ impl Classifier {
                         if !in_scratch {
                             prefetch(name, table, txns, log, overlay)?;
                         }
+                        if last_read == Some(name) {
+                            overlay.release();
+                        }
                         evaluation.await?
                     }
                 };
@@ -1146,10 +1162,9 @@ impl Classifier {
         let image_of =
             |table: &TableName, t: usize, r: usize| passes.get(table).and_then(|p| p.image(t, r));
 
-        // The stored rows pass 2 compares with are read: the group before may be written.
-        if let Some(release) = overlay.release.take() {
-            let _ = release.send(());
-        }
+        // The stored rows pass 2 compares with are read (rows pass 1 did not read, such as
+        // deleted ones, are read after the group before is written).
+        overlay.release();
         // The dependencies' live reads below must see the transactions too.
         evaluator.confirm_visible().await?;
         // Pass 2, per transaction in commit order: before vs after.
@@ -1865,6 +1880,13 @@ struct Overlay {
 }
 
 impl Overlay {
+    /// Lets the write of `pending` start, if it waits.
+    fn release(&mut self) {
+        if let Some(release) = self.release.take() {
+            let _ = release.send(());
+        }
+    }
+
     /// The row under `key` in the staging area, if there.
     fn staged_row(&self, log: &Log, key: &[u8]) -> Result<Option<Packed>, LogError> {
         if !self.staged {
