@@ -835,7 +835,8 @@ impl Log {
         Ok(out)
     }
 
-    /// The body of a notification.
+    /// The body of a notification (delivery reads it with [`Log::body_near`]).
+    #[cfg(test)]
     pub fn body(&self, key: &NotificationKey) -> Result<Option<Vec<u8>>, LogError> {
         Ok(self.find(key)?.map(|(_, body)| body))
     }

@@ -561,8 +561,9 @@ struct Stream<'a> {
 /// only when `go` is sent or dropped: once the next group's evaluation has read the stored
 /// rows it compares with (so those reads do not wait for the batch, which then overlaps
 /// PostgreSQL's evaluation of the last table and the comparison), or as soon as the stream
-/// has nothing else to do (or ends in error). At most one is in flight; whatever reads the log otherwise (a recheck, a spilled
-/// transaction, the end of a session) waits for it first ([`Stream::settle`]).
+/// has nothing else to do (or ends in error). At most one is in flight; whatever reads the
+/// log otherwise (a recheck, a spilled transaction, the end of a session) waits for it
+/// first ([`Stream::settle`]).
 struct InFlight {
     state: std::sync::Arc<classification::RowWrites>,
     /// Publishes the group's position to the flusher once written.
