@@ -893,7 +893,6 @@ impl Stream<'_> {
         let (go, gate) = tokio::sync::oneshot::channel::<()>();
         let job = tokio::task::spawn_blocking(move || {
             let _ = gate.blocking_recv();
-            let written = classification::encode_rows(&written);
             log.append_with_state(&notifications, &written, position, now_ms())?;
             applied.send_replace(position);
             Ok(())

@@ -662,27 +662,24 @@ pub struct Classifier {
 /// State writes: key → new record bytes (`None` removes), in key order.
 pub type StateWrites = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
-/// A group's state writes, decoded (an empty row removes the key), in key order: shared
-/// by the writer, which encodes them, and the next group's evaluation, which reads them
-/// while they are being written.
-pub type RowWrites = Vec<(Vec<u8>, Arc<Packed>)>;
+/// A group's state writes, encoded, in key order: shared by the writer and the next
+/// group's evaluation, which reads them while they are being written.
+pub type RowWrites = StateWrites;
 
-/// Encodes a group's state writes for the log.
-pub fn encode_rows(rows: &RowWrites) -> StateWrites {
-    rows.iter()
-        .map(|(key, packed)| (key.clone(), packed.stored()))
-        .collect()
-}
+/// A row of the state store as the log holds it: its encoding ([`Packed::stored`]), `None`
+/// when there is no row.
+type Stored = Option<Box<[u8]>>;
 
-/// Decoded rows of the state store, each as the log holds it once the group in flight is
+/// Rows of the state store, each encoded as the log holds it once the group in flight is
 /// written: a row the stream met recently is read without sled (whose reads wait while the
-/// writer applies a batch) and without decoding. Every row a group read or wrote goes in
-/// when the group is handed to the writer; rows leave at random once the estimated size
-/// passes the budget. Whatever writes the store another way (a recheck, a spilled
-/// transaction) empties it.
+/// writer applies a batch, and which reads from disk what its own cache lost). Every row a
+/// group read or wrote goes in when the group is handed to the writer; rows leave at random
+/// once the size passes the budget. Encoded, a row takes a fifth of the memory it takes
+/// decoded, so the budget holds five times as many. Whatever writes the store another way
+/// (a recheck, a spilled transaction) empties it.
 #[derive(Default)]
 pub struct StateCache {
-    rows: FxHashMap<Vec<u8>, Arc<Packed>>,
+    rows: FxHashMap<Vec<u8>, Stored>,
     bytes: usize,
     budget: usize,
 }
@@ -695,28 +692,29 @@ impl StateCache {
         }
     }
 
-    fn weight(key_len: usize, packed: &Packed) -> usize {
-        key_len + packed.weight() + 64
+    /// The key and the encoding, and about what the map and the allocator add.
+    fn weight(key_len: usize, stored: &Stored) -> usize {
+        key_len + stored.as_ref().map_or(0, |b| b.len()) + 64
     }
 
-    fn get(&self, key: &[u8]) -> Option<&Packed> {
-        self.rows.get(key).map(|p| p.as_ref())
+    fn get(&self, key: &[u8]) -> Option<&Stored> {
+        self.rows.get(key)
     }
 
     /// Takes a row out (a group about to change it puts it back when handed over).
-    fn take(&mut self, key: &[u8]) -> Option<Packed> {
-        let packed = self.rows.remove(key)?;
-        self.bytes = self.bytes.saturating_sub(Self::weight(key.len(), &packed));
-        Some(Arc::try_unwrap(packed).unwrap_or_else(|shared| (*shared).clone()))
+    fn take(&mut self, key: &[u8]) -> Option<Stored> {
+        let stored = self.rows.remove(key)?;
+        self.bytes = self.bytes.saturating_sub(Self::weight(key.len(), &stored));
+        Some(stored)
     }
 
-    fn put(&mut self, key: Vec<u8>, packed: Arc<Packed>) {
+    fn put(&mut self, key: Vec<u8>, stored: Stored) {
         if self.budget == 0 {
             return;
         }
         let key_len = key.len();
-        let weight = Self::weight(key_len, &packed);
-        if let Some(old) = self.rows.insert(key, packed) {
+        let weight = Self::weight(key_len, &stored);
+        if let Some(old) = self.rows.insert(key, stored) {
             self.bytes = self.bytes.saturating_sub(Self::weight(key_len, &old));
         }
         self.bytes += weight;
@@ -724,11 +722,11 @@ impl StateCache {
             // Down to three quarters, so that this runs once per quarter of the budget.
             let target = self.budget / 4 * 3;
             let mut bytes = self.bytes;
-            self.rows.retain(|key, packed| {
+            self.rows.retain(|key, stored| {
                 if bytes <= target {
                     return true;
                 }
-                bytes = bytes.saturating_sub(Self::weight(key.len(), packed));
+                bytes = bytes.saturating_sub(Self::weight(key.len(), stored));
                 false
             });
             self.bytes = bytes;
@@ -1779,12 +1777,16 @@ fn existing(
     if overlay.staged {
         pages(&staged_key(prefix), true)?;
     }
-    for (key, packed) in overlay.pending_under(prefix) {
-        all.insert(key.clone(), (**packed).clone());
+    for (key, stored) in overlay.pending_under(prefix) {
+        let packed = match stored {
+            Some(bytes) => decode(key, bytes)?,
+            None => Packed::default(),
+        };
+        all.insert(key.clone(), packed);
     }
-    for (key, (packed, _)) in &overlay.rows {
+    for (key, touched) in &overlay.rows {
         if key.starts_with(prefix) {
-            all.insert(key.clone(), packed.clone());
+            all.insert(key.clone(), touched.row.0.clone());
         }
     }
     Ok(all
@@ -1846,7 +1848,7 @@ impl Existing {
         let mut out = Vec::with_capacity(page.len());
         for (key, bytes) in page {
             let packed = match overlay.rows.get(key.as_ref()) {
-                Some((packed, _)) => packed.clone(),
+                Some(touched) => touched.row.0.clone(),
                 None => match overlay.staged_row(log, &key)? {
                     Some(packed) => packed,
                     None => decode(&key, &bytes)?,
@@ -1867,8 +1869,8 @@ impl Existing {
 /// transaction).
 #[derive(Default)]
 struct Overlay {
-    /// By state key: the row's records, and whether the transactions changed them.
-    rows: FxHashMap<Vec<u8>, (Packed, bool)>,
+    /// By state key: the rows read or written.
+    rows: FxHashMap<Vec<u8>, Touched>,
     staged: bool,
     /// The previous group's state writes, while they are being written to the log.
     pending: Option<Arc<RowWrites>>,
@@ -1877,6 +1879,15 @@ struct Overlay {
     cache: StateCache,
     /// Lets the write of `pending` start (sent or dropped; see [`Classifier::evaluate`]).
     release: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// A row the transactions being derived read or wrote.
+struct Touched {
+    /// Its records as of the transactions derived so far, and whether they changed them.
+    row: (Packed, bool),
+    /// As it was read, encoded, so that an unchanged row goes back to the cache as it is
+    /// (`None` for a spilled transaction's staged row: its overlay has no cache).
+    read: Option<Stored>,
 }
 
 impl Overlay {
@@ -1898,37 +1909,32 @@ impl Overlay {
         }
     }
 
-    /// The row under `key` as of the transactions derived so far, before this chunk: from
-    /// the staging area (a spilled transaction's earlier chunks), or else the log.
-    fn stored(&self, log: &Log, key: &[u8]) -> Result<Packed, LogError> {
-        match self.staged_row(log, key)? {
-            Some(packed) => Ok(packed),
-            None => self.committed(log, key),
-        }
-    }
-
     /// The row under `key` as of before the transactions being derived: the pending writes
     /// of the group before, or the store.
     fn committed(&self, log: &Log, key: &[u8]) -> Result<Packed, LogError> {
-        if let Some(packed) = self.cache.get(key) {
-            return Ok(packed.clone());
+        if let Some(stored) = self.cache.get(key) {
+            return Self::decoded(key, stored.as_deref());
         }
-        if let Some(pending) = &self.pending {
-            if let Ok(at) = pending.binary_search_by(|(k, _)| k.as_slice().cmp(key)) {
-                return Ok((*pending[at].1).clone());
-            }
+        if let Some(stored) = self.pending_row(key) {
+            return Self::decoded(key, stored.as_deref());
         }
-        match log.get_raw(key)? {
-            Some(bytes) => decode(key, &bytes),
-            None => Ok(Packed::default()),
-        }
+        Self::decoded(key, log.get_raw(key)?.as_deref())
+    }
+
+    /// The row under `key` in the pending writes of the group before, if there.
+    fn pending_row(&self, key: &[u8]) -> Option<&Option<Vec<u8>>> {
+        let pending = self.pending.as_deref()?;
+        let at = pending
+            .binary_search_by(|(k, _)| k.as_slice().cmp(key))
+            .ok()?;
+        Some(&pending[at].1)
     }
 
     /// The pending writes of keys starting with `prefix`.
     fn pending_under<'a>(
         &'a self,
         prefix: &'a [u8],
-    ) -> impl Iterator<Item = &'a (Vec<u8>, Arc<Packed>)> + 'a {
+    ) -> impl Iterator<Item = &'a (Vec<u8>, Option<Vec<u8>>)> + 'a {
         let pending = self.pending.as_deref().map_or(&[][..], |p| p.as_slice());
         let from = pending.partition_point(|(k, _)| k.as_slice() < prefix);
         pending[from..]
@@ -1939,21 +1945,47 @@ impl Overlay {
     /// The row under `key`, read once.
     fn row(&mut self, log: &Log, key: &[u8]) -> Result<&mut (Packed, bool), LogError> {
         if !self.rows.contains_key(key) {
-            let packed = match self.cache.take(key) {
-                Some(packed) => packed,
-                None => self.stored(log, key)?,
+            let touched = match self.cache.take(key) {
+                Some(read) => Touched {
+                    row: (Self::decoded(key, read.as_deref())?, false),
+                    read: Some(read),
+                },
+                None => match self.staged_row(log, key)? {
+                    Some(packed) => Touched {
+                        row: (packed, false),
+                        read: None,
+                    },
+                    None => {
+                        let read: Stored = match self.pending_row(key) {
+                            Some(stored) => stored.as_deref().map(Box::from),
+                            None => log.get_raw(key)?.map(|b| Box::from(&b[..])),
+                        };
+                        Touched {
+                            row: (Self::decoded(key, read.as_deref())?, false),
+                            read: Some(read),
+                        }
+                    }
+                },
             };
-            self.rows.insert(key.to_vec(), (packed, false));
+            self.rows.insert(key.to_vec(), touched);
         }
-        Ok(self.rows.get_mut(key).expect("inserted above"))
+        Ok(&mut self.rows.get_mut(key).expect("inserted above").row)
+    }
+
+    fn decoded(key: &[u8], stored: Option<&[u8]>) -> Result<Packed, LogError> {
+        match stored {
+            Some(bytes) => decode(key, bytes),
+            None => Ok(Packed::default()),
+        }
     }
 
     /// A row known not to exist before the transactions being derived, unless one of them
     /// wrote it already.
     fn absent(&mut self, key: Vec<u8>) {
-        self.rows
-            .entry(key)
-            .or_insert_with(|| (Packed::default(), false));
+        self.rows.entry(key).or_insert_with(|| Touched {
+            row: (Packed::default(), false),
+            read: Some(None),
+        });
     }
 
     /// `class`'s record of the row under `key`.
@@ -1980,12 +2012,15 @@ impl Overlay {
     fn finish(self) -> (RowWrites, StateCache) {
         let mut cache = self.cache;
         let mut writes = Vec::new();
-        for (key, (packed, changed)) in self.rows {
-            let packed = Arc::new(packed);
+        for (key, touched) in self.rows {
+            let (packed, changed) = touched.row;
             if changed {
-                writes.push((key.clone(), packed.clone()));
+                let stored = packed.stored();
+                cache.put(key.clone(), stored.as_deref().map(Box::from));
+                writes.push((key, stored));
+            } else if let Some(read) = touched.read {
+                cache.put(key, read);
             }
-            cache.put(key, packed);
         }
         writes.sort_by(|a, b| a.0.cmp(&b.0));
         (writes, cache)
@@ -1996,8 +2031,9 @@ impl Overlay {
         let entries: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
             .rows
             .drain()
-            .filter(|(_, (_, changed))| *changed)
-            .map(|(key, (packed, _))| {
+            .filter(|(_, touched)| touched.row.1)
+            .map(|(key, touched)| {
+                let packed = touched.row.0;
                 let mut value = vec![u8::from(!packed.is_empty())];
                 if !packed.is_empty() {
                     value.extend(packed.encode());
@@ -2756,7 +2792,7 @@ fn numbered(
 mod tests {
     use super::*;
 
-    fn row(value: &str) -> Arc<Packed> {
+    fn row(value: &str) -> Stored {
         let mut packed = Packed::default();
         packed.set(
             "c",
@@ -2766,7 +2802,7 @@ mod tests {
                 columns: vec![("status".into(), Some(value.into()))],
             }),
         );
-        Arc::new(packed)
+        packed.stored().map(Vec::into_boxed_slice)
     }
 
     #[test]
@@ -2786,12 +2822,23 @@ mod tests {
         assert_eq!(cache.bytes, sum);
         // A taken row is the caller's until it is put back.
         let key = cache.rows.keys().next().cloned().expect("a row");
-        assert_eq!(cache.take(&key), Some((*row("active")).clone()));
+        assert_eq!(cache.take(&key), Some(row("active")));
         assert_eq!(cache.take(&key), None);
-        // A shared row (still being written) is copied out.
-        let shared = row("gone");
-        cache.put(key.clone(), shared.clone());
-        assert_eq!(cache.take(&key).as_ref(), Some(&*shared));
+        // A row known not to exist is kept as such, and a row put again replaces it.
+        cache.put(key.clone(), None);
+        assert_eq!(cache.get(&key), Some(&None));
+        let bytes = cache.bytes;
+        cache.put(key.clone(), row("gone"));
+        assert_eq!(cache.bytes, bytes + row("gone").map_or(0, |b| b.len()));
+        let decoded = Packed::decode(cache.get(&key).cloned().flatten().as_deref().unwrap_or(&[]));
+        assert_eq!(
+            decoded
+                .ok()
+                .as_ref()
+                .and_then(|p| p.get("c"))
+                .map(|r| r.columns.clone()),
+            Some(vec![("status".to_string(), Some("gone".to_string()))])
+        );
         cache.clear();
         assert_eq!((cache.rows.len(), cache.bytes), (0, 0));
         let mut off = StateCache::new(0);
