@@ -1313,7 +1313,7 @@ impl Classifier {
                     let evaluated = passes.get(name);
                     for (r, ((_, change), state_key)) in changes.rows.iter().zip(&keys).enumerate()
                     {
-                        let image = image_of(name, t, r);
+                        let image = evaluated.and_then(|p| p.image(t, r));
                         // The value before the transaction: an earlier transaction of the
                         // group, or the store.
                         let (packed, changed) = overlay.row(log, state_key)?;
@@ -1365,7 +1365,7 @@ impl Classifier {
                                 after.map(|value| Record {
                                     value,
                                     lsn: txn.ctx.lsn,
-                                    columns: class_columns(table, class, image),
+                                    columns: columns_at(class, &positions, image),
                                 }),
                             );
                             *changed = true;
@@ -2022,7 +2022,7 @@ impl Overlay {
                 cache.put(key, read);
             }
         }
-        writes.sort_by(|a, b| a.0.cmp(&b.0));
+        writes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         (writes, cache)
     }
 
@@ -2384,11 +2384,20 @@ fn class_columns(
     class: &ClassSpec,
     image: Option<&Vec<Option<String>>>,
 ) -> Vec<(String, Option<String>)> {
+    columns_at(class, &class_positions(table, class), image)
+}
+
+/// [`class_columns`], with the columns' `positions` known.
+fn columns_at(
+    class: &ClassSpec,
+    positions: &[Option<usize>],
+    image: Option<&Vec<Option<String>>>,
+) -> Vec<(String, Option<String>)> {
     class
         .columns
         .iter()
-        .zip(class_positions(table, class))
-        .map(|(name, at)| (name.clone(), image_value(image, at).map(str::to_string)))
+        .zip(positions)
+        .map(|(name, at)| (name.clone(), image_value(image, *at).map(str::to_string)))
         .collect()
 }
 
