@@ -32,9 +32,10 @@ use crate::log::{
 const MIN_WINDOW: usize = 256;
 
 /// Finished attempts are written to the log together (sled forces two disk writes around
-/// every batch, which at thousands of deliveries a second cost more than the HTTP requests):
-/// at most this long after the first of them finished, ...
-const RECORD_DELAY: Duration = Duration::from_millis(10);
+/// every batch, and every read in the process waits while one is applied, which at
+/// thousands of deliveries a second costs more than the HTTP requests): at most this long
+/// after the first of them finished (a crash in between only sends those again), ...
+const RECORD_DELAY: Duration = Duration::from_millis(50);
 /// ... or as soon as this many are waiting, and always before the queue reads the log from
 /// its start again.
 const RECORD_BATCH: usize = 256;
