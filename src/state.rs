@@ -260,22 +260,6 @@ impl Packed {
         self.0.is_empty()
     }
 
-    /// About how many heap bytes the row takes decoded.
-    pub fn weight(&self) -> usize {
-        self.0
-            .iter()
-            .map(|(name, record)| {
-                name.len()
-                    + 64
-                    + record
-                        .columns
-                        .iter()
-                        .map(|(n, v)| n.len() + v.as_ref().map_or(0, String::len) + 56)
-                        .sum::<usize>()
-            })
-            .sum()
-    }
-
     /// The value to store: `None` (remove the key) when no record is left.
     pub fn stored(&self) -> Option<Vec<u8>> {
         (!self.is_empty()).then(|| self.encode())

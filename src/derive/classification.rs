@@ -1778,11 +1778,7 @@ fn existing(
         pages(&staged_key(prefix), true)?;
     }
     for (key, stored) in overlay.pending_under(prefix) {
-        let packed = match stored {
-            Some(bytes) => decode(key, bytes)?,
-            None => Packed::default(),
-        };
-        all.insert(key.clone(), packed);
+        all.insert(key.clone(), Overlay::decoded(key, stored.as_deref())?);
     }
     for (key, touched) in &overlay.rows {
         if key.starts_with(prefix) {
@@ -1972,6 +1968,7 @@ impl Overlay {
         Ok(&mut self.rows.get_mut(key).expect("inserted above").row)
     }
 
+    /// A row as stored (`None`: no row), decoded.
     fn decoded(key: &[u8], stored: Option<&[u8]>) -> Result<Packed, LogError> {
         match stored {
             Some(bytes) => decode(key, bytes),
