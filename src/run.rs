@@ -651,8 +651,6 @@ impl Stream<'_> {
         // is full: in sled 0.34 every batch costs synchronous writes of its own, so one per
         // small transaction would not keep up with the database.
         let mut staged = Staged::default();
-        // When the last group of mutation notifications alone was handed to the writer.
-        let mut mutation_group: Option<tokio::time::Instant> = None;
 
         let end = loop {
             tokio::select! {
@@ -812,20 +810,12 @@ impl Stream<'_> {
                     written?;
                 }
                 // Nothing else is ready: write the staged transactions. A group of mutation
-                // notifications only waits for the one in flight, and starts at least
-                // GROUP_SPACING after the one before, growing meanwhile: under a steady
-                // stream one small batch per transaction or two would cost more than the
-                // stream itself. A group with classified transactions starts its
+                // notifications only waits for the one in flight, growing meanwhile: under a
+                // steady stream one small batch per transaction or two would cost more than
+                // the stream itself. A group with classified transactions starts its
                 // evaluation at once (it overlaps the write in flight).
-                _ = tokio::time::sleep_until(match mutation_group {
-                    Some(last) if staged.classified.is_empty() => last + GROUP_SPACING,
-                    _ => tokio::time::Instant::now(),
-                }), if !staged.is_empty()
+                _ = std::future::ready(()), if !staged.is_empty()
                     && (self.in_flight.is_none() || !staged.classified.is_empty()) => {
-                    mutation_group = staged
-                        .classified
-                        .is_empty()
-                        .then(tokio::time::Instant::now);
                     match self.write_staged(&mut staged, &applied_tx).await? {
                         Ok(position) => applied = position,
                         Err(e) => break SessionEnd::Failed(e),
@@ -1072,14 +1062,6 @@ const GROUP_CLASSIFIED_ROWS: usize = 4096;
 /// A transaction touching more rows of classified tables than this keeps them in the data
 /// dir instead of memory.
 const SPILL_ROWS: usize = 10_000;
-
-/// Back to back, a group of mutation notifications alone starts at least this long after
-/// the one before (a transaction arriving alone is written at once). sled 0.34 makes two
-/// synchronous disk writes around every batch: when walhook is faster than the walsender,
-/// which sends a transaction or two at a time, a batch per arrival had the mutation-only
-/// benchmark write ~1,300 batches a second; spaced, it wrote a seventh of them and used
-/// half the CPU (with delivery out of the way).
-const GROUP_SPACING: Duration = Duration::from_millis(5);
 
 /// When groups were written while a flush ran, the next flush starts at least this long
 /// after it. Each flush is a write and an `fdatasync`: while walhook keeps up with a steady
