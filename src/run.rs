@@ -651,6 +651,12 @@ impl Stream<'_> {
         // is full: in sled 0.34 every batch costs synchronous writes of its own, so one per
         // small transaction would not keep up with the database.
         let mut staged = Staged::default();
+        // Reading in bursts (see READ_PAUSE): when reading resumes, whether anything was
+        // read since the last pause, and whether the staged group has waited a pause for
+        // more of the stream.
+        let mut resume_at: Option<tokio::time::Instant> = None;
+        let mut read_since_pause = false;
+        let mut waited = false;
 
         let end = loop {
             tokio::select! {
@@ -691,7 +697,12 @@ impl Stream<'_> {
                         Err(e) => return Err(RunError::Stream(e.to_string())),
                     }
                 }
-                event = client.recv() => {
+                // A pause in reading is over.
+                _ = until(resume_at), if resume_at.is_some() => {
+                    resume_at = None;
+                }
+                event = client.recv(), if resume_at.is_none() => {
+                    read_since_pause = true;
                     let event = match event {
                         Ok(Some(event)) => event,
                         Ok(None) => break SessionEnd::Failed(SourceError::Transient("replication stream ended".into())),
@@ -809,13 +820,15 @@ impl Stream<'_> {
                     self.in_flight = None;
                     written?;
                 }
-                // Nothing else is ready: write the staged transactions. A group of mutation
-                // notifications only waits for the one in flight, growing meanwhile: under a
-                // steady stream one small batch per transaction or two would cost more than
-                // the stream itself. A group with classified transactions starts its
-                // evaluation at once (it overlaps the write in flight).
-                _ = std::future::ready(()), if !staged.is_empty()
+                // Nothing else is ready, and the stream has had a pause to send more: write
+                // the staged transactions. A group of mutation notifications also waits for
+                // the one in flight, growing meanwhile: under a steady stream one small batch
+                // per transaction or two would cost more than the stream itself. A group with
+                // classified transactions starts its evaluation at once (it overlaps the
+                // write in flight).
+                _ = std::future::ready(()), if !staged.is_empty() && waited
                     && (self.in_flight.is_none() || !staged.classified.is_empty()) => {
+                    waited = false;
                     match self.write_staged(&mut staged, &applied_tx).await? {
                         Ok(position) => applied = position,
                         Err(e) => break SessionEnd::Failed(e),
@@ -825,6 +838,12 @@ impl Stream<'_> {
                 // next group's evaluation lets it go once it has read the rows it needs).
                 _ = std::future::ready(()), if self.in_flight.as_ref().is_some_and(|f| f.go.is_some()) => {
                     self.release();
+                }
+                // Everything that had arrived is read: read again after a pause.
+                _ = std::future::ready(()), if read_since_pause && resume_at.is_none() => {
+                    read_since_pause = false;
+                    waited = true;
+                    resume_at = Some(tokio::time::Instant::now() + READ_PAUSE);
                 }
             }
         };
@@ -1062,6 +1081,16 @@ const GROUP_CLASSIFIED_ROWS: usize = 4096;
 /// A transaction touching more rows of classified tables than this keeps them in the data
 /// dir instead of memory.
 const SPILL_ROWS: usize = 10_000;
+
+/// When the stream has read everything that had arrived, it reads again only this much
+/// later, and writes the transactions it staged after that. The walsender sends every
+/// message as it decodes it: while walhook kept up with it, reading each one as it came
+/// cost wakeups, `recv`s and TCP acknowledgements per message on both sides, and small
+/// sled batches, so that walhook took several times the CPU it needs, from the walsender
+/// it was waiting for (the benchmark's mutation-only run: 2.9–7.3 s of CPU for 200,000
+/// rows, 1.1 s with this pause and [`crate::source::EVENT_BUFFER`]). A transaction's
+/// notifications wait at most this much longer.
+const READ_PAUSE: Duration = Duration::from_millis(1);
 
 /// When groups were written while a flush ran, the next flush starts at least this long
 /// after it. Each flush is a write and an `fdatasync`: while walhook keeps up with a steady

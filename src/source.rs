@@ -16,6 +16,14 @@ use crate::config::{quote_ident, quote_literal, TableName};
 /// Marks publications walhook created, so it may add tables to them (and only to them).
 const PUBLICATION_COMMENT: &str = "created by walhook";
 
+/// How many replication events (row changes, transaction boundaries) wait between the
+/// socket and the stream at most. Small on purpose: with the stream reading in bursts
+/// (`run.rs`, `READ_PAUSE`), the replication worker then stops reading when its buffer is
+/// full and what arrives meanwhile waits in the socket, to be read in larger pieces. With
+/// 4,096 (a few MB of ordinary rows) the pause alone did not cut walhook's CPU; with 256 it
+/// did (see `READ_PAUSE`).
+pub const EVENT_BUFFER: usize = 256;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("{0}")]
@@ -243,9 +251,7 @@ impl Database {
         // slot close behind the log).
         .with_status_interval(Duration::from_millis(25))
         .with_wakeup_interval(Duration::from_secs(5))
-        // Events are row changes; this bounds how many wait between the socket and the
-        // decoder (a few MB for ordinary rows).
-        .with_buffer_size(4096)
+        .with_buffer_size(EVENT_BUFFER)
         .with_application_name("walhook")
         .with_tls(self.tls.for_replication(&self.host()))
     }
