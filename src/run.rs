@@ -1089,7 +1089,8 @@ const SPILL_ROWS: usize = 10_000;
 /// sled batches, so that walhook took several times the CPU it needs, from the walsender
 /// it was waiting for (the benchmark's mutation-only run: 2.9–7.3 s of CPU for 200,000
 /// rows, 1.1 s with this pause and [`crate::source::EVENT_BUFFER`]). A transaction's
-/// notifications wait at most this much longer.
+/// notifications wait about this much longer (up to twice: tokio's timers round up to the
+/// next millisecond).
 const READ_PAUSE: Duration = Duration::from_millis(1);
 
 /// When groups were written while a flush ran, the next flush starts at least this long
