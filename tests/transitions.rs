@@ -773,6 +773,93 @@ async fn dependency_child_rows_flip_the_parent() {
     .await;
 }
 
+/// A transaction the walsender decodes before other sessions can see it (its commit waits
+/// for a synchronous standby that never comes) is evaluated only once it is visible: the
+/// condition reads contracts, and an evaluation that ran at once would not see the new one,
+/// leave customer 1 false and never fire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_decoded_before_it_is_visible_is_evaluated_once_it_is() {
+    let hooks = [hook("all", "customer_contracted", Side::Any, Side::Any)];
+    let setup = format!("{CUSTOMERS_AND_CONTRACTS} INSERT INTO customers VALUES (1, 'a');");
+    let s = Scenario::new(&setup, &config(&hooks)).await;
+    let dir = classification_dir(&s, &[("customer_contracted", CUSTOMER_CONTRACTED)]);
+    let _walhook = start(&s, &dir).await;
+    let mut st = Steps::new(&s, "customer_contracted", "public.customers");
+
+    s.pg.exec("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        .await;
+    s.pg.exec("SELECT pg_reload_conf()").await;
+    // A connection started once the server has reloaded its settings.
+    let deadline = Instant::now() + WAIT;
+    let holder = loop {
+        let client = s.pg.client().await;
+        let names: String = client
+            .query_one("SHOW synchronous_standby_names", &[])
+            .await
+            .expect("SHOW")
+            .get(0);
+        if names == "nobody" {
+            break client;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not reload its settings"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let held = tokio::spawn(async move {
+        holder
+            .batch_execute("INSERT INTO contracts VALUES (10, 1, true)")
+            .await
+    });
+
+    // The commit is flushed locally and then waits; the walsender sends it meanwhile.
+    let watcher = s.pg.client().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let sent: bool = watcher
+            .query_one(
+                "SELECT count(*) > 0 AND bool_and(r.sent_lsn >= f.lsn)
+                   FROM pg_stat_replication r, (SELECT pg_current_wal_flush_lsn() AS lsn) f
+                  WHERE r.application_name = 'walhook'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_replication")
+            .get(0);
+        if sent {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the walsender did not send the held transaction"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let walhook evaluate it if it were going to, while it is still invisible.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !held.is_finished(),
+        "the insert committed without waiting: the test did not hold it"
+    );
+    assert!(
+        st.fresh().is_empty(),
+        "a notification arrived while the transaction was invisible"
+    );
+
+    s.pg.exec("ALTER SYSTEM RESET synchronous_standby_names")
+        .await;
+    s.pg.exec("SELECT pg_reload_conf()").await;
+    held.await
+        .expect("the held insert's task")
+        .expect("the held insert");
+    st.expect(
+        "the insert held before it was visible",
+        &[("all", F, T, &[1])],
+    )
+    .await;
+}
+
 /// A contract whose customer is active: reads customers, which contracts point to.
 const CONTRACT_OF_ACTIVE: &str = "\
 SELECT id FROM public.contracts k
