@@ -690,6 +690,22 @@ impl Log {
         Ok(out)
     }
 
+    /// Hands `visit` each raw entry whose key starts with `prefix`, in key order, until it
+    /// returns false.
+    pub(crate) fn visit_raw(
+        &self,
+        prefix: &[u8],
+        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), LogError> {
+        for entry in self.tree.scan_prefix(prefix) {
+            let (key, value) = entry?;
+            if !visit(&key, &value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes every entry whose key starts with `prefix` (in small batches; not atomic).
     pub(crate) fn remove_prefix(&self, prefix: &[u8]) -> Result<usize, LogError> {
         let mut removed = 0;

@@ -596,7 +596,16 @@ impl Stream<'_> {
             // Committed transactions not written yet are streamed again.
             let logged = self.log.position()?.map_or(0, |p| p.commit_lsn);
             assembler.reset(logged);
-            self.classifier.forget_cached();
+            // What the cache holds may not have been written: it starts again from the log.
+            let started = std::time::Instant::now();
+            let warmed = self.classifier.warm(self.log).await;
+            if warmed > 0 {
+                tracing::info!(
+                    rows = warmed,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "row state cache filled from the log"
+                );
+            }
             self.spilled = None;
             let ended = self.session(assembler, stop, &mut backoff).await;
             if ended.is_err() {
