@@ -989,7 +989,7 @@ secret = "{SECRET}"
         let seconds = confirmed.duration_since(spawned).as_secs_f64();
         let rss_at_end = vm_kb(walhook.pid(), "VmHWM");
         let cpu_at_end = cpu_seconds(walhook.pid());
-        let received_at_confirmed = receiver.requests().len();
+        let received_at_confirmed = receiver.count();
         let streaming_wall = streaming_logged_at(&walhook.log());
         let from_streaming = streaming_wall
             .and_then(|s| confirmed_wall.duration_since(s).ok())
@@ -1006,27 +1006,29 @@ secret = "{SECRET}"
             Duration::from_secs(300)
         };
         let deadline = Instant::now() + wait;
-        let mut got = receiver.requests();
+        // Polled by count: copying every recorded request each time made this loop take a
+        // core of its own once hundreds of thousands had arrived, slowing delivery down.
+        let mut count = receiver.count();
         let mut changed = Instant::now();
-        let complete = |got: &[Recorded], changed: Instant| match expect {
-            Expect::Exactly(n) => got.len() as u64 >= n,
-            Expect::Quiet { at_least } => {
-                got.len() as u64 >= at_least && changed.elapsed() >= QUIET
-            }
+        let complete = |count: usize, changed: Instant| match expect {
+            Expect::Exactly(n) => count as u64 >= n,
+            Expect::Quiet { at_least } => count as u64 >= at_least && changed.elapsed() >= QUIET,
         };
-        while !complete(&got, changed) && Instant::now() < deadline {
+        while !complete(count, changed) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let now = receiver.requests();
-            if now.len() != got.len() {
+            let now = receiver.count();
+            if now != count {
                 changed = Instant::now();
             }
-            got = now;
+            count = now;
         }
+        let done = complete(count, changed);
+        let got = receiver.requests();
         let delivered_s = got
             .iter()
             .map(|r| r.at)
             .max()
-            .filter(|_| complete(&got, changed))
+            .filter(|_| done)
             .map(|at| at.duration_since(spawned).as_secs_f64());
         let rss_after_delivery = vm_kb(walhook.pid(), "VmHWM");
         walhook.sigterm();

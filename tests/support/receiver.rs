@@ -294,6 +294,11 @@ impl Receiver {
         self.state.lock().expect("receiver state").requests.clone()
     }
 
+    /// How many requests arrived so far (without copying them, for tight polling loops).
+    pub fn count(&self) -> usize {
+        self.state.lock().expect("receiver state").requests.len()
+    }
+
     /// Everything received so far whose path is exactly `path`.
     pub fn requests_to(&self, path: &str) -> Vec<Recorded> {
         let mut requests = self.requests();
